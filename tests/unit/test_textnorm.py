@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -133,25 +131,3 @@ def test_fingerprint_joins_template_spam_with_different_numbers() -> None:
 def test_fingerprint_of_textless_post_is_empty() -> None:
     assert text_fingerprint("") == ""
     assert text_fingerprint(" 🔥!! ") == ""
-
-
-def test_speed_per_short_post() -> None:
-    posts = [
-        "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121",
-        "Sorry, I'll call later",
-        "ＷＩＮ  а prize, call 0 8 0 0 - 1 2 3 or add wechat id xyz_88 www dot spam dot com",
-        "Ok lar... Joking wif u oni...",
-    ]
-    rounds = 200
-
-    def one_round() -> float:
-        start = time.perf_counter()
-        for _ in range(rounds):
-            for post in posts:
-                normalize_text(post)
-        return (time.perf_counter() - start) / (rounds * len(posts))
-
-    # The best of five rounds, so that a busy neighbour on a shared machine does not count.
-    per_post = min(one_round() for _ in range(5))
-    # ~8 us measured on a quiet 2-core machine; the bound leaves room for slower ones.
-    assert per_post < 60e-6, f"{per_post * 1e6:.1f} us per post"
