@@ -1,0 +1,69 @@
+"""The benchmark's own logic: the load mix, the accuracy figures and the target comparison."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from serving.bench import _accuracy, build_mix, compare, render_table
+
+
+def _posts(n: int = 200, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    label = (rng.random(n) < 0.3).astype(int)
+    image = np.where(rng.random(n) < 0.4, "aW1n", "")
+    return pd.DataFrame({"id": [f"p{i}" for i in range(n)], "text": [f"text {i}" for i in range(n)],
+                         "label": label, "image_b64": image})
+
+
+def test_mix_follows_the_shares() -> None:
+    posts = _posts()
+    bodies, counts = build_mix(posts, 4000, clean_share=0.9, image_share=0.3, seed=1)
+    assert len(bodies) == 4000 == sum(counts.values())
+    clean = (counts["clean_text"] + counts["clean_image"]) / 4000
+    image = (counts["clean_image"] + counts["ad_image"]) / 4000
+    assert clean == pytest.approx(0.9, abs=0.02) and image == pytest.approx(0.3, abs=0.02)
+    by_id = posts.set_index("id")
+    for body in bodies[:200]:
+        row = by_id.loc[body["id"]]
+        assert ("image" in body) == (row["image_b64"] != "")
+    assert build_mix(posts, 50, 0.9, 0.3, seed=1)[0] == bodies[:50]  # seeded
+
+
+def test_mix_swaps_modality_when_a_pool_is_empty() -> None:
+    posts = _posts()
+    posts.loc[posts["label"] == 1, "image_b64"] = ""  # no ad has an image
+    _, counts = build_mix(posts, 500, 0.5, 0.5, seed=0)
+    assert counts["ad_image"] == 0 and counts["ad_text"] > 0
+
+
+def test_accuracy_and_comparison() -> None:
+    posts = pd.DataFrame({"label": [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]})
+    deep = [{"decision": d, "stage": "deep"} for d in
+            ["block", "block", "block", "allow", "allow", "allow", "allow", "allow", "block", "allow"]]
+    cascade = [dict(r) for r in deep]
+    cascade[2] = {"decision": "allow", "stage": "gate"}   # a lost ad
+    cascade[5] = {"decision": "block", "stage": "gate"}   # an added false kill
+    acc_d, blocked_d = _accuracy(posts, deep)
+    acc_c, blocked_c = _accuracy(posts, cascade)
+    assert acc_d["recall"] == 0.75 and acc_d["false_kills"] == 1
+    assert acc_d["false_kill_rate"] == pytest.approx(1 / 6)
+    assert acc_c["recall"] == 0.5 and acc_c["test_gate_share"] == 0.2
+    report = {
+        "cascade": {**acc_c, "throughput_rps": 120.0, "p99_ms": 80.0, "p50_ms": 5.0,
+                    "stage_share": {"gate": 0.8, "deep": 0.2}, "server": {}},
+        "deep_only": {**acc_d, "throughput_rps": 20.0, "p99_ms": 400.0, "p50_ms": 300.0,
+                      "stage_share": {"gate": 0.0, "deep": 1.0}, "server": {}},
+        "machine": {"cpu_count": 2, "load_average_before": [1.0, 1.0, 1.0]},
+        "load": {"requests": 10, "concurrency": 8}, "bundle": {"model_version": "v"},
+    }
+    cmp = compare(report, posts, {"cascade": blocked_c, "deep_only": blocked_d})
+    assert cmp["speedup"] == 6.0 and cmp["recall_loss_points"] == pytest.approx(25.0)
+    assert cmp["added_false_kills"] == 1
+    assert cmp["met"] == {"speedup": True, "recall_loss": False, "no_added_false_kills": False,
+                          "cascade_p99": True}
+    assert len(cmp["notes"]) == 2
+    report["comparison"] = cmp
+    table = render_table(report)
+    assert "throughput_rps" in table and "recall_loss=NO" in table
