@@ -12,13 +12,17 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
 
-.PHONY: venv run test test-unit test-integration lint format lock dvc-remote clean help
+.PHONY: venv run test test-unit test-integration lint format lock dvc-remote clean help airflow mlflow-ui
 
 help:
 	@echo "make run      run the pipeline (dvc repro) on the embedded sample; PROFILE=ci|gpu selects a profile"
 	@echo "make test     the whole test suite (unit, integration, dags, e2e)"
 	@echo "make lint     ruff"
 	@echo "make lock     re-resolve pyproject.toml into requirements.lock"
+	@echo "make airflow  local Airflow (UI on :8080) with the project DAGs; prints the login"
+	@echo "make mlflow-ui  the MLflow UI (runs, registry, aliases) on :5000"
+	@echo "make serve    the HTTP API (adfilter serve) on serve.host:serve.port"
+	@echo "make bench    cascade vs deep-model-only over HTTP -> reports/bench.json"
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +61,43 @@ lock:
 	rm -rf /tmp/adfilter-lock && $(PYTHON) -m venv /tmp/adfilter-lock
 	/tmp/adfilter-lock/bin/pip install --quiet -e ".[dev,postgres]"
 	/tmp/adfilter-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+
+# --- serving (serving/, docker/)
+.PHONY: serve bench
+
+serve: $(STAMP)
+	$(BIN)/adfilter serve
+
+# Needs the exported bundle (serve.bundle) and the test split (dvc repro export).
+bench: $(STAMP)
+	$(BIN)/python -m serving.bench
+
+# A local Airflow (standalone: API server + UI, scheduler, DAG processor, triggerer on SQLite)
+# with the project's DAGs; the login is printed once the UI is up. Ctrl-C stops it.
+AIRFLOW_HOME ?= $(abspath .airflow)
+AIRFLOW_PORT ?= 8080
+MLFLOW_PORT ?= 5000
+
+airflow: $(STAMP)
+	@mkdir -p $(AIRFLOW_HOME)
+	@export AIRFLOW_HOME=$(AIRFLOW_HOME) AIRFLOW__CORE__DAGS_FOLDER=$(abspath dags) \
+	  AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__API__PORT=$(AIRFLOW_PORT) \
+	  AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://localhost:$(AIRFLOW_PORT)/execution/ \
+	  ADFILTER_PROJECT_DIR=$(abspath .); \
+	$(BIN)/airflow standalone > $(AIRFLOW_HOME)/standalone.log 2>&1 & pid=$$!; \
+	trap 'kill $$pid; wait $$pid' INT TERM; \
+	pw=$(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated; \
+	for i in $$(seq 1 180); do \
+	  if [ -s $$pw ] && curl -sf -o /dev/null http://127.0.0.1:$(AIRFLOW_PORT)/api/v2/monitor/health; then break; fi; \
+	  kill -0 $$pid 2>/dev/null || { tail -40 $(AIRFLOW_HOME)/standalone.log; exit 1; }; sleep 1; done; \
+	$(BIN)/python -c "import json,sys; u=json.load(open(sys.argv[1])); print('Airflow UI: http://localhost:$(AIRFLOW_PORT)'); [print(f'login: {k} / {v}') for k,v in u.items()]" $$pw; \
+	echo "DAGs: ad_filter_train (trigger it with the form), ad_filter_retrain, ad_filter_drift; log: $(AIRFLOW_HOME)/standalone.log"; \
+	wait $$pid
+
+# The MLflow UI over the tracking store params.yaml names (runs, the ad-filter registry, aliases).
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python -c 'from adfilter.config import load_params; print(load_params().mlflow.tracking_uri)')" \
+	  --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf data artifacts reports/*.json reports/*.png .pytest_cache

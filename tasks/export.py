@@ -525,8 +525,13 @@ def export(
     features_dir: Path = Path("data/features"),
     split_dir: Path = Path("data/split"),
     out_dir: Path = Path("artifacts/export"),
+    featurizer_dir: Path = Path("artifacts/featurizer"),
 ) -> dict[str, Any]:
-    """Trace, check and package the trained net and the gate; returns `export.json`'s content."""
+    """Trace, check and package the trained net and the gate; returns `export.json`'s content.
+
+    `out_dir` becomes a self-contained bundle: the featurizer is copied in beside the model,
+    so a registered version or a server needs nothing else to turn a raw post into a score.
+    """
     from models.data import load_npz
     from models.net import INPUT_NAMES, net_inputs
     from models.predict import load_net
@@ -625,6 +630,10 @@ def export(
              latency["torchscript_ms_per_post"])
 
     gate = export_gate(params, split_dir, arrays, loaded, out_dir)
+    featurizer_dir = Path(featurizer_dir)
+    if not (featurizer_dir / "meta.json").is_file():
+        raise ExportError(f"{featurizer_dir}/meta.json not found: run the featurize stage first")
+    shutil.copytree(featurizer_dir, out_dir / "featurizer")
     triton_dir = write_triton_repository(model_path, input_specs, output_specs, cfg.triton,
                                          out_dir / "triton")
 

@@ -60,7 +60,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, Path, di
           report_path=tmp / "reports/train.json", resume=False)
     out = tmp / "artifacts/export"
     report = export(params, model_dir=tmp / "artifacts/model", features_dir=features,
-                    split_dir=tmp / "data/split", out_dir=out)
+                    split_dir=tmp / "data/split", out_dir=out, featurizer_dir=featurizer)
     return params, out, report
 
 
@@ -134,3 +134,9 @@ def test_triton_repository_holds_the_model_and_its_config(exported) -> None:
                                     "export.json", "triton/ad_filter/config.pbtxt",
                                     "triton/ad_filter/1/model.pt"}
     assert report["latency"]["torchscript_ms_per_post"]["1"] > 0
+
+
+def test_bundle_carries_its_featurizer(exported) -> None:
+    _, out, report = exported
+    assert (out / "featurizer" / "meta.json").is_file()
+    assert "featurizer/meta.json" in report["files"]
