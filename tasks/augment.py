@@ -626,7 +626,10 @@ def train_proxy(
     x: np.ndarray, y: np.ndarray, train_params: Any, oversample: bool, params: AugmentParams,
     seed: int,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """An MLP fitted for `ablation.steps` steps with the net's loss; returns a scorer (P(ad))."""
+    """An MLP fitted for `ablation.steps` steps with the net's loss; returns a scorer.
+
+    The scorer gives the logit, not P(ad): with BCE many posts reach P(ad) = 1.0 in float32,
+    and tied top scores would make every ROC point under a 0.3% FPR empty."""
     import torch
     from torch import nn
 
@@ -656,7 +659,7 @@ def train_proxy(
 
     def score(rows: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return torch.sigmoid(model(torch.from_numpy(rows)).squeeze(1)).numpy().astype(np.float64)
+            return model(torch.from_numpy(rows)).squeeze(1).numpy().astype(np.float64)
 
     return score
 

@@ -103,7 +103,9 @@ def test_train_chain_runs_every_stage_in_pipeline_order(dagbag) -> None:
     order = _chain(dagbag.dags["ad_filter_train"])
     expected = ["configure", "start_run", "ingest", "validate", "split", "featurize", "tune",
                 "train", "evaluate", "export", "register", "promote"]
-    has_augment = "augment" in (project / "dvc.yaml").read_text().split("\nplots:")[0]
+    import yaml
+
+    has_augment = "augment" in (yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
     if has_augment:
         expected.insert(expected.index("tune"), "augment")
     assert order == expected
