@@ -536,6 +536,8 @@ class DriftParams:
     explain_posts: int              # window posts explained with SHAP (drawn by inverse sampling weight)
     explain_output: Literal["score", "ad_logit"]
     measure: Literal["signed", "abs"]  # cells: group x direction (toward ad / clean), or group
+    background: Literal["reference", "mean"]  # "absent" = a random reference post of the same kind, or the mean row
+    background_draws: int           # reference posts drawn as "absent" per explained post (averaged)
     threshold: float                # retrain when the total variation distance is above this
     bootstrap: int                  # resamples for the noise estimate
     batch_size: int                 # model rows per forward pass

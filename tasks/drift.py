@@ -342,13 +342,18 @@ def drift(
             "groups %s are not in the window's features (serve.store.store_image_small is off?); "
             "they stay at their background value on both sides", missing)
     predict = model_predict(model_bundle, cfg.explain_output)
-    explainer = GroupExplainer(predict, reference.background, groups, cfg.batch_size)
+    explainer = GroupExplainer(
+        predict, reference.background, groups, cfg.batch_size,
+        baselines=reference.arrays if cfg.background == "reference" else None,
+        draws=cfg.background_draws, seed=params.seed,
+    )
     score_fn = model_predict(model_bundle, "score")
 
     # The reference is explained once per model, output and group set, and kept beside it.
     t0 = time.perf_counter()
     model_hash = _file_hash(Path(model_bundle.path) / "model.pt")
-    key = hashlib.sha256(f"{model_hash}|{cfg.explain_output}|{','.join(groups)}".encode()).hexdigest()[:16]
+    setting = f"{model_hash}|{cfg.explain_output}|{','.join(groups)}|{cfg.background}|{cfg.background_draws}|{params.seed}"
+    key = hashlib.sha256(setting.encode()).hexdigest()[:16]
     cached = reference.cached(key)
     if cached is None:
         log.info("explaining the %d reference posts (once for this model)", reference.n)
@@ -366,6 +371,7 @@ def drift(
     weights = window_weights(feat, params.serve.store.gate_feature_fraction)
     drawn, drawn_weights, drawn_strata = stratified_sample(weights, cfg.explain_posts, params.seed)
     sample = _with_background({k: v[drawn] for k, v in arrays.items()}, reference.background)
+    explainer.seed = params.seed + 1  # the window's baseline draws are independent of the reference's
     win_exp = explainer.explain(sample, progress=progress)
     win_values = win_exp.values
     timings["explain_window"] = time.perf_counter() - t0
@@ -398,6 +404,7 @@ def drift(
         noise=estimate.as_dict(),
         n_explained=int(len(drawn)),
         measure=cfg.measure,
+        background=cfg.background,
         cells={
             "names": cells,
             "window": {c: round(float(p[i]), 6) for i, c in enumerate(cells)},
@@ -523,6 +530,8 @@ def _log_mlflow(params: Params, result: Mapping[str, Any], out_dir: Path) -> dic
                                "explain_posts": params.drift.explain_posts,
                                "explain_output": params.drift.explain_output,
                                "measure": params.drift.measure,
+                               "background": params.drift.background,
+                               "background_draws": params.drift.background_draws,
                                "window_hours": params.drift.window_hours,
                                "window_posts": params.drift.window_posts})
             mlflow.set_tags({"retrain": str(bool(result["retrain"])).lower(),

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import dvc_bin, make_workspace
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 # Runs in its own interpreter, so Airflow's settings (read at import) point at this test's home.
 # (`get_bagged_dag` parses the DAG folder and serializes the DAG to the metadata DB, as `airflow
