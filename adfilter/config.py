@@ -538,6 +538,8 @@ class DriftParams:
     measure: Literal["signed", "abs"]  # cells: group x direction (toward ad / clean), or group
     background: Literal["reference", "mean"]  # "absent" = a random reference post of the same kind, or the mean row
     background_draws: int           # reference posts drawn as "absent" per explained post (averaged)
+    max_exact_groups: int           # posts with more groups get sampled (antithetic permutation) values
+    permutations: int               # orders sampled per post above max_exact_groups
     threshold: float                # retrain when the total variation distance is above this
     bootstrap: int                  # resamples for the noise estimate
     batch_size: int                 # model rows per forward pass

@@ -2,13 +2,17 @@
 
 `drift(params, store_url, reference_path)` reads a window of recent predictions from the
 prediction store (the posts of the last `drift.window_hours`, at most `drift.window_posts` of
-them), explains a sample of them and the reference set with exact group-level SHAP values
-(`adfilter.monitoring.groups`) of the served model, and compares the two importance
-distributions (normalised mean |SHAP| per feature group) with the total variation distance
-(`adfilter.monitoring.shift`). Above `drift.threshold` (0.15) the result says `retrain: true`,
-with the reason, the shift and the window, which is what the `ad_filter_drift` DAG passes to
-`ad_filter_retrain`. A window with fewer than `drift.min_posts` posts with features is reported
-and triggers nothing.
+them), explains a sample of them (`drift.explain_posts`) and the reference set with exact
+group-level SHAP values of the served model (`adfilter.monitoring.groups`: seven named feature
+groups, "absent" = taken from a reference post of the same kind), and compares the two
+importance distributions with the total variation distance (`adfilter.monitoring.shift`). The
+distribution is, per group, the share of the SHAP mass pushing posts toward "ad" and the share
+pushing them toward "clean" (`drift.measure: signed`; `abs` is the plain normalised mean |SHAP|
+per group, always reported as `shift_abs`). Above `drift.threshold` (0.15) the result says
+`retrain: true`, with the reason, the shift and the window, which is what the `ad_filter_drift`
+DAG passes to `ad_filter_retrain`. A window with fewer than `drift.min_posts` posts with
+features is reported and triggers nothing. The bootstrap noise of the shift and the level that
+sampling alone reaches are reported next to it.
 
 Which posts count: the store keeps the features of every post the deep model scored and of a
 share `serve.store.gate_feature_fraction` of the posts the gate decided alone. Each gate post
@@ -171,26 +175,69 @@ def resolve_reference(
         ) from exc
 
 
+def make_explainer(params: Params, bundle: Any, reference: Any, groups: list[str]) -> Any:
+    """The group SHAP explainer of the bundle's model with the drift params' settings."""
+    from adfilter.monitoring.groups import GroupExplainer
+
+    cfg = params.drift
+    return GroupExplainer(
+        model_predict(bundle, cfg.explain_output), reference.background, groups, cfg.batch_size,
+        baselines=reference.arrays if cfg.background == "reference" else None,
+        draws=cfg.background_draws, seed=params.seed, max_exact_groups=cfg.max_exact_groups,
+        permutations=cfg.permutations,
+    )
+
+
+def reference_explanation(
+    params: Params, bundle: Any, reference: Any, groups: list[str], progress: bool = False,
+) -> tuple[dict[str, np.ndarray], str]:
+    """SHAP values and scores of every reference post for this model and these settings, from
+    the reference folder's cache or computed (and cached) now; with the cache key."""
+    cfg = params.drift
+    model_hash = _file_hash(Path(bundle.path) / "model.pt")
+    setting = (f"{model_hash}|{cfg.explain_output}|{','.join(groups)}|{cfg.background}|"
+               f"{cfg.background_draws}|{cfg.max_exact_groups}|{cfg.permutations}|{params.seed}")
+    key = hashlib.sha256(setting.encode()).hexdigest()[:16]
+    cached = reference.cached(key)
+    if cached is None:
+        log.info("explaining the %d reference posts (once for this model)", reference.n)
+        exp = make_explainer(params, bundle, reference, groups).explain(reference.arrays, progress)
+        score = _forward(model_predict(bundle, "score"), reference.arrays, cfg.batch_size)
+        cached = {"values": exp.values, "base": exp.base, "output": exp.output, "score": score,
+                  "groups": np.asarray(groups)}
+        reference.save_cached(key, cached)
+    return cached, key
+
+
 def build_reference_set(
     params: Params,
     bundle_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
     sources: list[str] | None = None,
+    explain: bool = True,
 ) -> Path:
     """Draw a reference for the bundle at `bundle_dir` (default: the one drift watches) from
     `sources` (default `drift.reference_splits`) into `out_dir` (default `drift.reference`).
 
-    The registration can call this with `out_dir=<bundle>/reference` so that the reference
-    travels with the registered model; `drift` then finds it there."""
+    With `explain`, the reference's SHAP values for this model (all seven groups) are computed
+    and cached in the folder too. The registration can call this with
+    `out_dir=<bundle>/reference` so that the reference travels with the registered model;
+    `drift` then finds it there."""
+    from adfilter.monitoring.groups import GROUPS
     from adfilter.monitoring.reference import build_reference
 
     bundle = load_bundle(params, str(bundle_dir) if bundle_dir is not None else None)
     out = Path(out_dir) if out_dir is not None else Path(params.drift.reference)
     origin = "splits" if out_dir is None else "registration"
-    build_reference(sources or params.drift.reference_splits, out, params.drift.reference_posts,
-                    params.seed, empty_token_ids=_empty_tokens(bundle),
-                    extra_meta={"origin": origin, "featurizer_dims": _featurizer_dims(bundle),
-                                "model_version": bundle.version})
+    reference = build_reference(
+        sources or params.drift.reference_splits, out, params.drift.reference_posts, params.seed,
+        empty_token_ids=_empty_tokens(bundle),
+        extra_meta={"origin": origin, "featurizer_dims": _featurizer_dims(bundle),
+                    "model_version": bundle.version},
+    )
+    if explain:
+        # The drift job's first run then finds the reference's SHAP values ready.
+        reference_explanation(params, bundle, reference, list(GROUPS), progress=True)
     return out
 
 
@@ -273,7 +320,7 @@ def drift(
     Returns (and writes to `report_path`, default `out_dir/../drift.json`) at least `shift`
     (None when the window is too small), `threshold`, `retrain`, `reason`, `n_window` (posts in
     the window), `n_features` (those with features), and `window` {`start`, `end`}."""
-    from adfilter.monitoring.groups import GROUP_INPUT, GroupExplainer, available_groups
+    from adfilter.monitoring.groups import GROUP_INPUT, available_groups
     from adfilter.monitoring.shift import (
         attribution_cells,
         bootstrap_shift,
@@ -340,28 +387,13 @@ def drift(
     if missing:
         log.warning(
             "groups %s are not in the window's features (serve.store.store_image_small is off?); "
-            "they stay at their background value on both sides", missing)
-    predict = model_predict(model_bundle, cfg.explain_output)
-    explainer = GroupExplainer(
-        predict, reference.background, groups, cfg.batch_size,
-        baselines=reference.arrays if cfg.background == "reference" else None,
-        draws=cfg.background_draws, seed=params.seed,
-    )
+            "they are not explained and take the baseline's value on both sides", missing)
+    explainer = make_explainer(params, model_bundle, reference, groups)
     score_fn = model_predict(model_bundle, "score")
 
-    # The reference is explained once per model, output and group set, and kept beside it.
+    # The reference is explained once per model and setting, and kept beside it.
     t0 = time.perf_counter()
-    model_hash = _file_hash(Path(model_bundle.path) / "model.pt")
-    setting = f"{model_hash}|{cfg.explain_output}|{','.join(groups)}|{cfg.background}|{cfg.background_draws}|{params.seed}"
-    key = hashlib.sha256(setting.encode()).hexdigest()[:16]
-    cached = reference.cached(key)
-    if cached is None:
-        log.info("explaining the %d reference posts (once for this model)", reference.n)
-        ref_exp = explainer.explain(reference.arrays, progress=progress)
-        ref_score = _forward(score_fn, reference.arrays, cfg.batch_size)
-        cached = {"values": ref_exp.values, "base": ref_exp.base, "output": ref_exp.output,
-                  "score": ref_score, "groups": np.asarray(groups)}
-        reference.save_cached(key, cached)
+    cached, key = reference_explanation(params, model_bundle, reference, groups, progress)
     result["reference"] = {"path": str(reference.directory), "posts": reference.n,
                            "built_at": reference.meta.get("built_at"),
                            "origin": reference.meta.get("origin"), "cached_key": key}
@@ -532,6 +564,7 @@ def _log_mlflow(params: Params, result: Mapping[str, Any], out_dir: Path) -> dic
                                "measure": params.drift.measure,
                                "background": params.drift.background,
                                "background_draws": params.drift.background_draws,
+                               "permutations": params.drift.permutations,
                                "window_hours": params.drift.window_hours,
                                "window_posts": params.drift.window_posts})
             mlflow.set_tags({"retrain": str(bool(result["retrain"])).lower(),

@@ -15,15 +15,29 @@ The net reads seven blocks per post (see `models/net.py`); each is one group:
 Why groups and not single values: seven players make exact Shapley values affordable (at most
 2^7 = 128 model evaluations per post), every one of them is a part of the model a person can
 name, and none of them needs gradients or a model-specific rule (DeepExplainer trips over the
-backbones; see API_NOTES). "Absent" means the group is replaced by a background value taken
-from the reference set: the mean of each handcrafted block over the reference posts that have
-the modality, the tokens of an empty text ([CLS] [SEP]) for the text branch, and a plain image
-of the reference images' mean colour for the image branch. The post's `has_text`/`has_image`
-flags are never masked, so the explanation stays inside the kind of post it is.
+backbones; see API_NOTES). "Absent" means the group takes the value of a baseline: by
+default (`drift.background: reference`) a reference post of the same kind (text only, image only
+or both) drawn at random for each explained post, which makes the values interventional SHAP
+values with the reference set as background distribution (estimated with `draws` baselines per
+post); or (`mean`) one fixed row: the mean of each handcrafted block over the reference posts
+that have the modality, the tokens of an empty text ([CLS] [SEP]) for the text branch and a
+plain image of the reference images' mean colour for the image branch. The reference baseline
+is the default because the fixed row is not a typical post: the model scores it lower than
+most clean posts, so nearly every attribution would point "toward ad" and the sign would say
+nothing. The post's `has_text`/`has_image` flags are never masked, so the explanation stays
+inside the kind of post it is.
 
 The groups of a missing modality are null players (the net masks those inputs out), so a
 text-only post is explained over its three text groups (2^3 = 8 coalitions) and an image-only
 post over its four image groups (16); their other groups get exactly 0.
+
+Posts with more than `max_exact_groups` groups (text + image: seven) can instead get sampled
+values: antithetic permutation sampling (each random order of the groups and its reverse; the
+marginal contribution of a group where it joins, averaged over the orders), the estimator shap's
+PermutationExplainer uses. With 6 orders that is 2 + 6 * 6 = 38 model rows per post instead of
+128; each order adds up to output - base, so the values stay additive, and they are unbiased.
+The full multimodal net runs at about 100-150 rows/s on 2 cores, which is what makes this matter
+for the drift job's 2-minute budget.
 
 Why the enumeration is done here rather than with `shap.explainers.Exact`: shap evaluates one
 post at a time (a model call of 8 to 128 rows per post) and compiles its numba kernels on first
@@ -144,6 +158,8 @@ class GroupExplainer:
         baselines: Mapping[str, np.ndarray] | None = None,
         draws: int = 1,
         seed: int = 0,
+        max_exact_groups: int = 7,
+        permutations: int = 8,
     ) -> None:
         unknown = [g for g in groups if g not in GROUP_INPUT]
         if unknown:
@@ -162,6 +178,8 @@ class GroupExplainer:
                 raise ExplainError(f"the baseline rows lack {lacking}")
         self.draws = max(1, draws) if baselines is not None else 1
         self.seed = seed
+        self.max_exact_groups = max_exact_groups
+        self.permutations = max(2, permutations + permutations % 2)  # antithetic pairs
         self.evaluations = 0
 
     def explain(self, arrays: Mapping[str, np.ndarray], progress: bool = False) -> Explanation:
@@ -190,13 +208,22 @@ class GroupExplainer:
             picks, fill = self._baselines_for(len(rows), text, image, rng)
             if picks is not None:
                 chosen[rows] = picks.reshape(len(rows), self.draws)
-            f = self._coalition_outputs(posts, active, text, image, fill, progress)
             k = len(active)
-            phi = shapley_values(f).reshape(len(rows), self.draws, k).mean(axis=1)
+            n_rows = len(rows) * self.draws
+            if k <= self.max_exact_groups:
+                masks = np.tile(np.arange(1 << k), (n_rows, 1))
+                f = self._outputs(posts, active, text, image, fill, masks, progress)
+                phi, empty, full = shapley_values(f), f[:, 0], f[:, -1]
+            else:
+                order = _antithetic_orders(n_rows, k, self.permutations, rng)
+                masks = _chain_masks(order)
+                f = self._outputs(posts, active, text, image, fill, masks, progress)
+                phi = _permutation_values(f, order)
+                empty, full = f[:, 0], f[:, -1]
             cols = [self.groups.index(g) for g in active]
-            values[np.ix_(rows, cols)] = phi
-            base[rows] = f[:, 0].reshape(len(rows), self.draws).mean(axis=1)
-            output[rows] = f[:, -1].reshape(len(rows), self.draws).mean(axis=1)
+            values[np.ix_(rows, cols)] = phi.reshape(len(rows), self.draws, k).mean(axis=1)
+            base[rows] = empty.reshape(len(rows), self.draws).mean(axis=1)
+            output[rows] = full.reshape(len(rows), self.draws).mean(axis=1)
         return Explanation(values, base, output, self.groups, self.evaluations - start, chosen)
 
     def _baselines_for(
@@ -217,41 +244,70 @@ class GroupExplainer:
         picks = candidates[rng.integers(0, len(candidates), n)]
         return picks, {k: self.baselines[k][picks] for k in self.background}
 
-    def _coalition_outputs(
+    def _outputs(
         self, posts: Mapping[str, np.ndarray], active: Sequence[str], text: bool, image: bool,
-        fill: Mapping[str, np.ndarray], progress: bool,
+        fill: Mapping[str, np.ndarray], masks: np.ndarray, progress: bool,
     ) -> np.ndarray:
-        """The model's output for every (post, draw) and every coalition of `active`:
-        (posts * draws, 2^k); bit j of the column index says whether group `active[j]` is the
-        post's own value (else the baseline's)."""
+        """The model's output for each (post, draw) row and each coalition in its row of
+        `masks` (bit j set: group `active[j]` is the post's own value, else the baseline's).
+        A coalition that repeats within a row is evaluated once."""
         from tqdm.auto import tqdm
 
-        k = len(active)
-        n_masks = 1 << k
-        n_rows = len(next(iter(fill.values())))
+        n_rows, width = masks.shape
         bits = {GROUP_INPUT[g]: j for j, g in enumerate(active)}
-        masks = np.arange(n_masks)
-        total = n_rows * n_masks
-        out = np.empty(total, dtype=np.float64)
-        starts = range(0, total, self.batch_size)
-        for s in tqdm(starts, desc=f"SHAP over {k} groups", unit="batch", leave=False,
+        codes = np.arange(n_rows)[:, None] * (1 << len(active)) + masks
+        unique, inverse = np.unique(codes.reshape(-1), return_inverse=True)
+        row_of, mask_of = unique >> len(active), unique & ((1 << len(active)) - 1)
+        out = np.empty(len(unique), dtype=np.float64)
+        starts = range(0, len(unique), self.batch_size)
+        for s in tqdm(starts, desc=f"SHAP over {len(active)} groups", unit="batch", leave=False,
                       disable=not progress or len(starts) < 20):
-            r = np.arange(s, min(s + self.batch_size, total))
-            row, mask = r // n_masks, masks[r % n_masks]
+            sel = slice(s, s + self.batch_size)
+            row, mask = row_of[sel], mask_of[sel]
             post = row // self.draws
             batch: dict[str, np.ndarray] = {}
             for key, values in fill.items():
                 absent = values[row]
                 if key in bits:
-                    own = ((mask >> bits[key]) & 1).astype(bool).reshape((len(r),) + (1,) * (absent.ndim - 1))
+                    own = ((mask >> bits[key]) & 1).astype(bool).reshape((len(row),) + (1,) * (absent.ndim - 1))
                     batch[key] = np.where(own, posts[key][post], absent).astype(absent.dtype, copy=False)
                 else:
                     batch[key] = np.ascontiguousarray(absent)
-            batch["has_text"] = np.full(len(r), text)
-            batch["has_image"] = np.full(len(r), image)
-            out[r] = np.asarray(self.predict(batch), dtype=np.float64).reshape(-1)
-        self.evaluations += total
-        return out.reshape(n_rows, n_masks)
+            batch["has_text"] = np.full(len(row), text)
+            batch["has_image"] = np.full(len(row), image)
+            out[sel] = np.asarray(self.predict(batch), dtype=np.float64).reshape(-1)
+        self.evaluations += len(unique)
+        return out[inverse].reshape(n_rows, width)
+
+
+def _antithetic_orders(n_rows: int, k: int, permutations: int, rng: np.random.Generator) -> np.ndarray:
+    """(rows, permutations, k) orders of the players: random ones and each one reversed."""
+    half = rng.permuted(np.tile(np.arange(k), (n_rows, permutations // 2, 1)), axis=2)
+    return np.concatenate([half, half[:, :, ::-1]], axis=1)
+
+
+def _chain_masks(order: np.ndarray) -> np.ndarray:
+    """The coalitions met walking each order: empty first, full last, then the ones between,
+    as (rows, 2 + permutations * (k - 1)) masks."""
+    n_rows, n_perm, k = order.shape
+    steps = np.cumsum(1 << order, axis=2)  # coalition after adding the t-th player
+    inner = steps[:, :, :-1].reshape(n_rows, -1)
+    return np.concatenate([np.zeros((n_rows, 1), np.int64), np.full((n_rows, 1), (1 << k) - 1),
+                           inner], axis=1)
+
+
+def _permutation_values(f: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Shapley values estimated from the outputs `_chain_masks` laid out: the mean, over the
+    orders, of each player's marginal contribution where it joined."""
+    n_rows, n_perm, k = order.shape
+    empty, full = f[:, :1], f[:, 1:2]
+    inner = f[:, 2:].reshape(n_rows, n_perm, k - 1)
+    chain = np.concatenate([np.repeat(empty[:, None], n_perm, axis=1), inner,
+                            np.repeat(full[:, None], n_perm, axis=1)], axis=2)
+    marginal = np.diff(chain, axis=2)  # (rows, perms, k): the contribution of order[..., t]
+    values = np.zeros((n_rows, k))
+    np.add.at(values, (np.arange(n_rows)[:, None, None], order), marginal)
+    return values / n_perm
 
 
 def shapley_values(f: np.ndarray) -> np.ndarray:

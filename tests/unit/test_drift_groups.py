@@ -127,3 +127,66 @@ def test_missing_inputs_are_named() -> None:
     with pytest.raises(ExplainError, match="unknown feature group"):
         GroupExplainer(additive_model, make_background(posts), ["colour"])
 
+
+
+def test_reference_baselines_give_interventional_values() -> None:
+    posts = _posts(n=30, seed=1)
+    reference = _posts(n=60, seed=2)
+    background = make_background(reference)
+    exp = GroupExplainer(additive_model, background, baselines=reference, draws=3, seed=5).explain(posts)
+    assert exp.baselines.shape == (30, 3)
+    # Each post is compared with reference posts of its own kind.
+    for i, rows in enumerate(exp.baselines):
+        assert (reference["has_text"][rows] == posts["has_text"][i]).all()
+        assert (reference["has_image"][rows] == posts["has_image"][i]).all()
+    # For an additive model each group's value is its own term minus the baselines' mean term.
+    for j, group in enumerate(GROUPS):
+        key = GROUP_INPUT[group]
+        modality = posts["has_text"] if group in ("text_branch", "tfidf", "sent_emb") else posts["has_image"]
+        own = _group_term(posts, key)
+        drawn = np.stack([_group_term({key: reference[key][exp.baselines[:, d]]}, key) for d in range(3)], axis=1)
+        expected = np.where(modality, own - drawn.mean(axis=1), 0.0)
+        np.testing.assert_allclose(exp.values[:, j], expected, atol=1e-9, err_msg=group)
+    np.testing.assert_allclose(exp.base + exp.values.sum(axis=1), additive_model(posts), atol=1e-9)
+    # The base value is the baselines' own output, not the output on an average row.
+    baseline_out = additive_model({k: v[exp.baselines[:, 0]] for k, v in reference.items()})
+    assert not np.allclose(exp.base, exp.base[0])
+    assert np.corrcoef(exp.base, baseline_out)[0, 1] > 0.3
+
+
+def test_the_same_seed_draws_the_same_baselines() -> None:
+    posts, reference = _posts(n=12, seed=1), _posts(n=40, seed=2)
+    a = GroupExplainer(additive_model, make_background(reference), baselines=reference, seed=3).explain(posts)
+    b = GroupExplainer(additive_model, make_background(reference), baselines=reference, seed=3).explain(posts)
+    assert np.array_equal(a.baselines, b.baselines) and np.array_equal(a.values, b.values)
+
+
+def _interacting(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    t = {g: _group_term(arrays, GROUP_INPUT[g]) for g in GROUPS}
+    both = arrays["has_text"] & arrays["has_image"]
+    return np.tanh(t["tfidf"] * t["sift_bow"] * both + t["sent_emb"] * arrays["has_text"]
+                   - (t["hsv"] ** 2 - t["image_branch"] * t["text_branch"]) * both)
+
+
+def test_permutation_sampling_is_exact_for_an_additive_model_and_cheaper() -> None:
+    posts = _posts()
+    background = make_background(posts)
+    exact = GroupExplainer(additive_model, background).explain(posts)
+    sampled = GroupExplainer(additive_model, background, max_exact_groups=4, permutations=4).explain(posts)
+    np.testing.assert_allclose(sampled.values, exact.values, atol=1e-9)
+    assert sampled.evaluations < exact.evaluations / 2
+    both = int((posts["has_text"] & posts["has_image"]).sum())
+    assert sampled.evaluations <= exact.evaluations - both * (2**7 - (2 + 4 * 6))
+
+
+def test_permutation_sampling_converges_and_keeps_additivity() -> None:
+    posts = _posts(n=12, seed=4)
+    background = make_background(posts)
+    exact = GroupExplainer(_interacting, background).explain(posts)
+    few = GroupExplainer(_interacting, background, max_exact_groups=4, permutations=4, seed=1).explain(posts)
+    many = GroupExplainer(_interacting, background, max_exact_groups=4, permutations=400, seed=1).explain(posts)
+    # Every sampled order adds up to output - base, so the estimate does too.
+    np.testing.assert_allclose(few.base + few.values.sum(axis=1), _interacting(posts), atol=1e-9)
+    err_few = np.abs(few.values - exact.values).mean()
+    err_many = np.abs(many.values - exact.values).mean()
+    assert err_many < err_few and err_many < 0.01
