@@ -11,8 +11,10 @@ pushing them toward "clean" (`drift.measure: signed`; `abs` is the plain normali
 per group, always reported as `shift_abs`). Above `drift.threshold` (0.15) the result says
 `retrain: true`, with the reason, the shift and the window, which is what the `ad_filter_drift`
 DAG passes to `ad_filter_retrain`. A window with fewer than `drift.min_posts` posts with
-features is reported and triggers nothing. The bootstrap noise of the shift and the level that
-sampling alone reaches are reported next to it.
+features is reported and triggers nothing, and so is a shift no larger than what sampling alone
+reaches at the window's effective size (the 95th percentile of the reference's own resamples,
+`noise.null_p95`): the window is then too noisy to tell. The bootstrap noise of the shift is
+reported next to it.
 
 Which posts count: the store keeps the features of every post the deep model scored and of a
 share `serve.store.gate_feature_fraction` of the posts the gate decided alone. Each gate post
@@ -228,7 +230,7 @@ def build_reference_set(
 
     bundle = load_bundle(params, str(bundle_dir) if bundle_dir is not None else None)
     out = Path(out_dir) if out_dir is not None else Path(params.drift.reference)
-    origin = "splits" if out_dir is None else "registration"
+    origin = "splits" if out_dir is None else "explicit"  # only "splits" ones are rebuilt at will
     reference = build_reference(
         sources or params.drift.reference_splits, out, params.drift.reference_posts, params.seed,
         empty_token_ids=_empty_tokens(bundle),
@@ -300,6 +302,26 @@ def window_weights(df: pd.DataFrame, gate_feature_fraction: float) -> np.ndarray
 
 
 # --------------------------------------------------------------------------- the job
+
+
+def decide(shift: float, null_p95: float, threshold: float) -> tuple[bool, bool, str]:
+    """(retrain, within_noise, verdict): retrain when the shift is above the threshold and above
+    what sampling alone reaches at the window's size; a shift that sampling alone reaches is not
+    evidence of change, whatever its size, and such a window is reported like a too-small one."""
+    above = shift > threshold
+    within_noise = shift <= null_p95
+    retrain = above and not within_noise
+    if retrain:
+        verdict = f"is above the threshold {threshold:g}"
+    elif above:
+        verdict = (f"is above the threshold {threshold:g} but not above what sampling alone gives, "
+                   f"so it triggers nothing (a larger window or serve.store.gate_feature_fraction "
+                   f"makes it measurable)")
+    else:
+        verdict = f"is within the threshold {threshold:g}"
+    return retrain, within_noise, verdict
+
+
 
 
 def drift(
@@ -420,17 +442,18 @@ def drift(
     q_abs = importance_distribution(np.abs(cached["values"]))
     change = {c: float(p[i] - q[i]) for i, c in enumerate(cells)}
     moved = sorted(change.items(), key=lambda kv: -abs(kv[1]))[:3]
-    retrain = estimate.shift > cfg.threshold
+    retrain, within_noise, verdict = decide(estimate.shift, estimate.null_p95, cfg.threshold)
     moved_text = ", ".join(f"{c} {v:+.3f}" for c, v in moved)
     result.update(
         shift=round(estimate.shift, 6),
         retrain=bool(retrain),
+        within_noise=bool(within_noise),
         reason=(
             f"SHAP feature-importance shift {estimate.shift:.3f} (total variation distance, "
             f"{cfg.measure} importance over {len(cells)} cells; bootstrap 90% interval "
             f"{estimate.low:.3f}-{estimate.high:.3f}, sampling alone gives up to "
-            f"{estimate.null_p95:.3f}) {'is above' if retrain else 'is within'} the threshold "
-            f"{cfg.threshold:g} over {len(feat)} posts with features ({len(df)} in the window); "
+            f"{estimate.null_p95:.3f}) {verdict}, over {len(feat)} posts with features "
+            f"({len(df)} in the window); "
             f"largest moves: {moved_text}"
         ),
         noise=estimate.as_dict(),

@@ -5,10 +5,12 @@ A reference folder holds
     reference.npz      the feature arrays of `n` held-out posts (the store's blob arrays:
                        has_text, has_image, tfidf, sent_emb, sift_bow, hsv, qr, token_ids,
                        image_small; plus id, label, slice where the source had them)
-    background.npz     the "absent" value of every input (`groups.make_background`)
+    background.npz     one mean row per input (`groups.make_background`): "absent" with
+                       `drift.background: mean`, and the stand-in for an input the store did not
+                       keep (image_small with `serve.store.store_image_small` off)
     reference.json     where it came from, when, how many posts, the feature widths
-    explained-<key>.npz  SHAP values of all reference posts for one model, output and group
-                       set (`key`), with the model's score on them: computed once per model
+    explained-<key>.npz  SHAP values of all reference posts for one model and explainer setting
+                       (`key`), with the model's score on them: computed once per model
 
 The handcrafted blocks are kept as float16 and read back as float32, exactly as the
 prediction store keeps a live post's blocks (`serving.store.encode_features`), so the two sides

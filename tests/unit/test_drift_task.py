@@ -99,3 +99,13 @@ def test_cli_prints_the_decision_as_json(tmp_path: Path, capsys: pytest.CaptureF
     assert {"shift", "threshold", "retrain", "n_window", "reason", "window"} <= set(out)
     assert out["threshold"] == 0.15 and out["retrain"] is False and out["n_window"] == 6
     assert json.loads((tmp_path / "out.json").read_text())["n_window"] == 6
+
+
+def test_a_shift_only_triggers_above_the_threshold_and_above_sampling_noise() -> None:
+    from tasks.drift import decide
+
+    assert decide(0.30, 0.05, 0.15)[:2] == (True, False)
+    assert decide(0.10, 0.05, 0.15)[:2] == (False, False)
+    retrain, noisy, verdict = decide(0.18, 0.22, 0.15)  # a window too small to tell
+    assert (retrain, noisy) == (False, True) and "sampling alone" in verdict
+    assert decide(0.15, 0.01, 0.15)[0] is False  # "above", strictly
