@@ -15,6 +15,7 @@ get the image baseline's training prior.
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -36,7 +37,7 @@ Arrays = Mapping[str, np.ndarray]
 IMAGE_FEATURES = ("hsv", "sift_bow", "qr")
 
 
-class Baseline:
+class Baseline(abc.ABC):
     """`fit` on the train split, then `score` any split; a higher score = more likely an ad."""
 
     name: ClassVar[str]
@@ -44,11 +45,11 @@ class Baseline:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    def fit(self, train_df: pd.DataFrame, train_arrays: Arrays | None = None) -> Baseline:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def fit(self, train_df: pd.DataFrame, train_arrays: Arrays | None = None) -> Baseline: ...
 
-    def score(self, df: pd.DataFrame, arrays: Arrays | None = None) -> np.ndarray:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def score(self, df: pd.DataFrame, arrays: Arrays | None = None) -> np.ndarray: ...
 
 
 def _texts(df: pd.DataFrame, who: str) -> list[str]:
@@ -72,8 +73,8 @@ def _labels(df: pd.DataFrame, who: str) -> np.ndarray:
 
 
 class _SklearnTextBaseline(Baseline):
-    def _pipeline(self) -> Pipeline:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _pipeline(self) -> Pipeline: ...
 
     def fit(self, train_df: pd.DataFrame, train_arrays: Arrays | None = None) -> Baseline:
         self.model = self._pipeline().fit(_texts(train_df, self.name), _labels(train_df, self.name))
