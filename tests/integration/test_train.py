@@ -106,8 +106,11 @@ def test_train_writes_model_config_report_and_mlflow_run(
 
 
 def test_train_resumes_from_last_checkpoint_after_a_kill(tmp_path: Path, repo_root: Path) -> None:
-    max_epochs = 3
-    ws = _workspace(tmp_path, repo_root, train={"max_epochs": max_epochs},
+    # Enough epochs that a fast machine cannot finish them all between seeing the first
+    # checkpoint and the kill; no early stopping, so the resumed run must reach max_epochs.
+    max_epochs = 12
+    ws = _workspace(tmp_path, repo_root,
+                    train={"max_epochs": max_epochs, "early_stopping": {"patience": 100}},
                     sizes={"train": 96, "val": 16, "test": 8})
     last = ws / "artifacts" / "checkpoints" / "lightning" / "last.ckpt"
 
@@ -119,7 +122,7 @@ def test_train_resumes_from_last_checkpoint_after_a_kill(tmp_path: Path, repo_ro
             if last.is_file() and last.stat().st_size == size > 0:
                 break  # written and no longer growing
             size = last.stat().st_size if last.is_file() else -1
-            time.sleep(0.2)
+            time.sleep(0.05)
         assert first.poll() is None, f"first run ended before it could be killed:\n{_tail(ws / 'first.log')}"
         assert last.is_file(), f"no last.ckpt within 120 s:\n{_tail(ws / 'first.log')}"
     finally:
