@@ -367,6 +367,7 @@ class TrainParams:
     loss: Literal["focal", "bce"]
     focal: FocalParams
     sensitivity_weight: float       # weight of the sensitivity MSE against the ad loss
+    calibration: Literal["platt", "none"]  # Platt scaling of the ad head on val after training
     oversample: bool                # WeightedRandomSampler towards positive_share
     positive_share: float
     early_stopping: EarlyStoppingParams

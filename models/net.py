@@ -14,7 +14,8 @@ arguments in this fixed order (`INPUT_NAMES`; B = batch):
     has_text   bool    [B]
     has_image  bool    [B]
 
-and returns `(ad_logit, sensitivity, score)`, each float32 [B]: `p_ad = sigmoid(ad_logit)`,
+and returns `(ad_logit, sensitivity, score)`, each float32 [B]: `ad_logit` is the ad head's
+logit after Platt scaling (`scale * raw + bias`, fitted on val after training), `p_ad = sigmoid(ad_logit)`,
 `sensitivity` in [0, 1], `score = clip(w_ad * p_ad + w_sens * sensitivity, 0, 1)`.
 
 A missing modality is handled by masks only: its tokens (backbone tokens and its handcrafted
@@ -360,6 +361,16 @@ class MultimodalNet(nn.Module):
         )
         self.ad_head = _head(feature_dim, dropout)
         self.sensitivity_head = _head(feature_dim, dropout)
+        # Platt scaling of the ad head, fitted on the validation split after training
+        # (models/calibration.py): ad_logit = scale * raw + bias. Identity while training;
+        # buffers, so they travel in the state dict, the checkpoint and the TorchScript graph.
+        self.register_buffer("ad_logit_scale", torch.ones(()))
+        self.register_buffer("ad_logit_bias", torch.zeros(()))
+
+    def set_calibration(self, scale: float, bias: float) -> None:
+        """Platt scaling of the ad head; (1, 0) is the raw head."""
+        self.ad_logit_scale.fill_(float(scale))
+        self.ad_logit_bias.fill_(float(bias))
 
     def forward(
         self,
@@ -406,7 +417,7 @@ class MultimodalNet(nn.Module):
         mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
         pooled = torch.cat([tokens[:, 0], mean], dim=-1)
 
-        ad_logit = self.ad_head(pooled).squeeze(-1)
+        ad_logit = self.ad_head(pooled).squeeze(-1) * self.ad_logit_scale + self.ad_logit_bias
         sensitivity = torch.sigmoid(self.sensitivity_head(pooled).squeeze(-1))
         score = (
             self.score_weight_ad * torch.sigmoid(ad_logit)

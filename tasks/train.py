@@ -50,9 +50,10 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from adfilter.config import Params, flatten, load_params, params_from_dict, to_dict
 from adfilter.versioning import content_hash, provenance
+from models.calibration import IDENTITY, CalibrationError, calibration_report, fit_platt
 from models.data import PostFeaturesDataModule
 from models.lit import MONITOR_MODE, AdFilterModule
-from models.net import INPUT_NAMES, OUTPUT_NAMES, count_parameters
+from models.net import INPUT_NAMES, OUTPUT_NAMES, count_parameters, net_inputs
 from models.registry import build_from_spec, net_spec, rebuild_spec
 
 log = logging.getLogger(__name__)
@@ -373,6 +374,46 @@ def _slim_checkpoint(best: Path, dest: Path) -> dict[str, Any]:
     return slim
 
 
+def _val_raw_logits(net: torch.nn.Module, datamodule: PostFeaturesDataModule) -> np.ndarray:
+    """The ad head's logits on val, before any Platt scaling."""
+    net.set_calibration(*IDENTITY.to_dict().values())
+    logits = []
+    net.eval()
+    with torch.inference_mode():
+        for batch in datamodule.val_dataloader():
+            logits.append(net(*net_inputs(batch))[0].float().cpu().numpy())
+    return np.concatenate(logits) if logits else np.zeros(0, np.float32)
+
+
+def _calibrate(params: Params, net: torch.nn.Module, slim: dict[str, Any],
+               datamodule: PostFeaturesDataModule, ckpt_path: Path) -> dict[str, Any]:
+    """Fit Platt scaling of the best epoch's ad head on val; store it in `ckpt_path`'s weights."""
+    state = {k.removeprefix("net."): v for k, v in slim["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state)
+    if params.train.calibration == "none":
+        return {"method": "none", **IDENTITY.to_dict()}
+    if not hasattr(net, "set_calibration"):
+        reason = f"{type(net).__name__} has no set_calibration(scale, bias)"
+        log.warning("no Platt scaling: %s", reason)
+        return {"method": "none", "reason": reason, **IDENTITY.to_dict()}
+    logits = _val_raw_logits(net, datamodule)
+    labels = datamodule.datasets["val"].labels
+    try:
+        platt = fit_platt(logits, labels)
+    except CalibrationError as exc:
+        log.warning("no Platt scaling (%s); the ad head stays as trained", exc)
+        return {"method": "none", "reason": str(exc), **IDENTITY.to_dict()}
+    net.set_calibration(platt.scale, platt.bias)
+    slim["state_dict"]["net.ad_logit_scale"] = net.ad_logit_scale.detach().clone()
+    slim["state_dict"]["net.ad_logit_bias"] = net.ad_logit_bias.detach().clone()
+    torch.save(slim, ckpt_path)
+    report = {"method": "platt", **calibration_report(logits, labels, platt)}
+    log.info("Platt scaling on val: scale %.3f, bias %.3f; log loss %.4f -> %.4f, ECE %.4f -> %.4f",
+             platt.scale, platt.bias, report["log_loss_before"], report["log_loss_after"],
+             report["ece_before"], report["ece_after"])
+    return report
+
+
 def train(
     params: Params,
     features_dir: Path = Path("data/features"),
@@ -446,6 +487,7 @@ def train(
     latest = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and not c.monitor)
     best_path = Path(checkpoint.best_model_path or latest.best_model_path)
     slim = _slim_checkpoint(best_path, out_dir / "model.ckpt")
+    calibration = _calibrate(params, module.net, slim, datamodule, out_dir / "model.ckpt")
     history = next(c for c in trainer.callbacks if isinstance(c, EpochHistory))
     best_epoch = int(slim.get("epoch", -1))
     best_row = next((r for r in history.history if r["epoch"] == best_epoch), {})
@@ -469,6 +511,7 @@ def train(
                  "value": _float(checkpoint.best_model_score), **best_row},
         "history": history.history,
         "parameter_count": parameters,
+        "calibration": calibration,
         "batch_size": datamodule.batch_size,
         "train_file": str(datamodule.split_path("train")),
         "train_posts": len(datamodule.datasets["train"]),

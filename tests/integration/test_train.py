@@ -92,6 +92,11 @@ def test_train_writes_model_config_report_and_mlflow_run(
     assert len(frame) == 24 and np.isfinite(frame[["p_ad", "sensitivity", "score"]]).all().all()
     ckpt = torch.load(ws / "artifacts" / "model" / "model.ckpt", weights_only=True)
     assert "optimizer_states" not in ckpt
+    calibration = report["calibration"]
+    assert calibration["method"] == "platt" and calibration["posts"] == 32
+    assert float(ckpt["state_dict"]["net.ad_logit_scale"]) == pytest.approx(calibration["scale"])
+    assert float(ckpt["state_dict"]["net.ad_logit_bias"]) == pytest.approx(calibration["bias"])
+    assert float(net.ad_logit_scale) == pytest.approx(calibration["scale"])
     assert json.loads(json.dumps(ckpt["adfilter"]["net"], default=str)) == config["net"]
 
     run = mlflow.MlflowClient().get_run(run_id)
