@@ -137,8 +137,27 @@ def run(
         reports_dir=reports_dir,
         scorer=stand_in_scorer,
         raw_dir=root / "raw",
+        heldout_path=_write_heldout(features_dir / "test.npz", frames["test"], root / "heldout.npz"),
     )
     return metrics, reports_dir, frames["test"]
+
+
+def _write_heldout(test_npz: Path, test: pd.DataFrame, dest: Path) -> Path:
+    """Like the augment stage's slice: every test ad with its ad words spelt out letter by
+    letter (which the word baseline no longer matches), plus the clean test posts unchanged."""
+    with np.load(test_npz) as f:
+        arrays = {k: f[k] for k in f.files}
+    ads = np.flatnonzero(arrays["label"] == 1)
+    clean = np.flatnonzero(arrays["label"] == 0)
+    texts = test["text"].to_numpy().astype(str)
+    spaced = np.array([" ".join(" ".join(w) if w in AD_WORDS else w for w in t.split())
+                       for t in texts[ads]])
+    out = {k: np.concatenate([v[ads], v[clean]]) for k, v in arrays.items()}
+    out["id"] = np.concatenate([np.char.add(arrays["id"][ads], "~ho0"), arrays["id"][clean]])
+    out["text"] = np.concatenate([spaced, texts[clean]])
+    out["source"] = np.array(["obfuscated_ads_heldout"] * len(ads) + ["original"] * len(clean))
+    np.savez(dest, **out)
+    return dest
 
 
 def test_metrics_json_holds_every_model_and_slice(run: tuple, repo_root: Path) -> None:
@@ -247,3 +266,32 @@ def test_unscored_test_posts_fail_loudly(run: tuple, tmp_path: Path, repo_root: 
             tmp_path,
             scorer=partial,
         )
+
+
+def test_the_heldout_obfuscated_slice_is_scored_by_the_net_and_every_baseline(run: tuple) -> None:
+    metrics, reports_dir, test = run
+    block = json.loads((reports_dir / "metrics.json").read_text())["obfuscated_ads_heldout"]
+    n_ads = int(test["label"].sum())
+    assert block["perturbed_ads"] == n_ads and block["clean_posts"] == len(test) - n_ads
+    assert block["posts"] == len(test)
+    assert set(block["baselines"]) == set(metrics["baselines"])
+    # The same scorer on the same rows gives the same figures as binary_metrics.
+    heldout = reports_dir.parent / "heldout.npz"
+    scored = stand_in_scorer(reports_dir.parent / "model", heldout).set_index("id")
+    with np.load(heldout) as f:
+        ids, y = f["id"].astype(str), f["label"]
+    expected = binary_metrics(y, scored.loc[ids, "score"].to_numpy(), metrics["threshold"],
+                              max_fpr=metrics["max_fpr"])
+    assert block["ours"]["recall"] == pytest.approx(expected["recall"])
+    assert block["ours"]["recall_at_fpr"] == pytest.approx(expected["recall_at_fpr"])
+    # Each baseline keeps the threshold it got on val for the test split.
+    for name, b in block["baselines"].items():
+        assert b["n"] == len(test)
+        assert b["threshold"] == pytest.approx(metrics["baselines"][name]["threshold"])
+
+
+def test_a_missing_heldout_slice_is_reported_as_skipped(tmp_path: Path) -> None:
+    from tasks.evaluate import score_heldout
+
+    block = score_heldout(tmp_path / "nope.npz", stand_in_scorer, tmp_path / "model", {}, 0.85, 0.003)
+    assert block == {"skipped": f"{tmp_path / 'nope.npz'} not found"}
