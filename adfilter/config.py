@@ -94,6 +94,8 @@ class TextFeatureParams:
     max_features_word: int
     max_features_char: int
     svd_dim: int
+    margins: list[str]              # supervised n-gram models whose margins join the tfidf block
+    margin_folds: int               # train rows get out-of-fold margins from this many folds
     embedder: str
     embed_batch_size: int
     max_seq_tokens: int

@@ -126,17 +126,23 @@ class FeedForward(nn.Module):
 
 
 class FeatureToken(nn.Module):
-    """One handcrafted feature block -> one token (LayerNorm + Linear + GELU)."""
+    """One handcrafted feature block -> one token (Linear + LayerNorm + GELU).
+
+    The norm comes after the projection: a LayerNorm over the raw block would rescale each
+    post's row by its own spread, so one large column (a margin in the tfidf block) would
+    squash the rest and lose its own magnitude. Projected first, every column keeps its
+    scale, and the norm still gives blocks as different as a histogram and a margin tokens
+    of the same size.
+    """
 
     def __init__(self, width: int, dim: int) -> None:
         super().__init__()
-        # LayerNorm over a single value (the QR flag) would always output 0 and erase it.
-        self.norm = nn.LayerNorm(width) if width > 1 else nn.Identity()
         self.proj = nn.Linear(width, dim)
+        self.norm = nn.LayerNorm(dim)
         self.act = nn.GELU()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.proj(self.norm(x)))
+        return self.act(self.norm(self.proj(x)))
 
 
 class VisionBranch(nn.Module):

@@ -97,7 +97,7 @@ def feature_dims_from_params(params: Params) -> dict[str, int]:
     """The handcrafted widths the featurizer makes with `params` (for sizing without data)."""
     image = params.featurize.image
     return {
-        "tfidf": params.featurize.text.svd_dim,
+        "tfidf": params.featurize.text.svd_dim + len(params.featurize.text.margins),
         "sent_emb": SENT_EMB_DIM,
         "sift_bow": image.sift_vocab_size,
         "hsv": math.prod(image.hsv_bins),

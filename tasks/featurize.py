@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from adfilter.config import Params, load_params
-from adfilter.features.pipeline import FeaturePipeline
+from adfilter.features.pipeline import FeaturePipeline, train_margins
 from adfilter.imageio import ImageLimits
 from adfilter.logs import setup_logging
 from adfilter.versioning import provenance
@@ -69,6 +69,8 @@ def featurize(
         timings: dict[str, float] = {}
         start = time.perf_counter()
         arrays = pipeline.transform(df, image_root=image_root, limits=limits, timings=timings)
+        if name == "train":
+            _use_out_of_fold_margins(pipeline, df, arrays)
         timings["total"] = time.perf_counter() - start
         np.savez_compressed(out_dir / f"{name}.npz", **arrays)
         per_split[name] = _split_summary(arrays, timings)
@@ -121,6 +123,25 @@ def featurize(
     report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     log.info("throughput (posts/s): %s", report["throughput_posts_per_s"])
     return report
+
+
+def _use_out_of_fold_margins(pipeline: FeaturePipeline, train_df: pd.DataFrame,
+                             arrays: dict[str, np.ndarray]) -> None:
+    """Train rows get the margin models' out-of-fold margins, not the in-sample ones."""
+    oof = train_margins(pipeline, train_df)
+    if oof is None:
+        return
+    rows = np.flatnonzero(arrays["has_text"])
+    if len(rows) != len(oof):
+        raise RuntimeError(
+            f"featurize: {len(rows)} train posts have text but the margin models were fitted on "
+            f"{len(oof)}; the normalisation differs between fit and transform"
+        )
+    start = pipeline.params.text.svd_dim
+    in_sample = arrays["tfidf"][rows, start:]
+    arrays["tfidf"][rows, start:] = oof
+    log.info("train split: out-of-fold margins for %d posts (mean |in-sample - out-of-fold| "
+             "= %.3f)", len(rows), float(np.abs(in_sample - oof).mean()) if len(rows) else 0.0)
 
 
 def _read_split(split_dir: Path, name: str) -> pd.DataFrame:

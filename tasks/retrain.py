@@ -294,6 +294,7 @@ def finetune(
         INPUT_CONVENTIONS,
         EpochHistory,
         apply_overrides,
+        calibrate_checkpoint,
         datamodule_from_params,
         fit_model,
         read_feature_dims,
@@ -307,6 +308,8 @@ def finetune(
     champion_config = json.loads((init_dir / "config.json").read_text())
     ckpt = torch.load(init_dir / "model.ckpt", map_location="cpu", weights_only=True)
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    # Fine-tune the raw ad head; Platt scaling is fitted afresh on val afterwards.
+    state.update(ad_logit_scale=torch.ones(()), ad_logit_bias=torch.zeros(()))
     rp = params.register.retrain
     overrides = dict(champion_config.get("overrides") or {})
     base_lr = float(overrides.get("lr", params.train.lr))
@@ -345,6 +348,7 @@ def finetune(
             if k in best}
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(slim, out_dir / "model.ckpt")
+    calibration = calibrate_checkpoint(params, module.net, slim, datamodule, out_dir / "model.ckpt")
     parameters = {"total": count_parameters(module.net)}
     (out_dir / "config.json").write_text(
         json.dumps({**module.config, "parameter_count": parameters}, indent=2, default=str) + "\n")
@@ -356,6 +360,7 @@ def finetune(
         "best": {"epoch": int(slim.get("epoch", -1)), "monitor": checkpoint.monitor,
                  "value": None if best_value is None else float(best_value)},
         "history": history, "parameter_count": parameters, "overrides": overrides,
+        "calibration": calibration,
         "train_posts": len(datamodule.datasets["train"]), "val_posts": len(datamodule.datasets["val"]),
         "mlflow_run_id": logger.run_id, "data_version": prov.get("data_version"),
     }

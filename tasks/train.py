@@ -385,7 +385,7 @@ def _val_raw_logits(net: torch.nn.Module, datamodule: PostFeaturesDataModule) ->
     return np.concatenate(logits) if logits else np.zeros(0, np.float32)
 
 
-def _calibrate(params: Params, net: torch.nn.Module, slim: dict[str, Any],
+def calibrate_checkpoint(params: Params, net: torch.nn.Module, slim: dict[str, Any],
                datamodule: PostFeaturesDataModule, ckpt_path: Path) -> dict[str, Any]:
     """Fit Platt scaling of the best epoch's ad head on val; store it in `ckpt_path`'s weights."""
     state = {k.removeprefix("net."): v for k, v in slim["state_dict"].items() if k.startswith("net.")}
@@ -487,7 +487,7 @@ def train(
     latest = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and not c.monitor)
     best_path = Path(checkpoint.best_model_path or latest.best_model_path)
     slim = _slim_checkpoint(best_path, out_dir / "model.ckpt")
-    calibration = _calibrate(params, module.net, slim, datamodule, out_dir / "model.ckpt")
+    calibration = calibrate_checkpoint(params, module.net, slim, datamodule, out_dir / "model.ckpt")
     history = next(c for c in trainer.callbacks if isinstance(c, EpochHistory))
     best_epoch = int(slim.get("epoch", -1))
     best_row = next((r for r in history.history if r["epoch"] == best_epoch), {})

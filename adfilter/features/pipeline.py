@@ -33,13 +33,19 @@ from tqdm.auto import tqdm
 
 from adfilter.config import FeaturizeParams, ImageFeatureParams, TextFeatureParams
 from adfilter.features.image import ImageFeaturizer
-from adfilter.features.text import BUNDLED, SentenceEncoder, TextFeaturizer, normalize_text
+from adfilter.features.text import (
+    BUNDLED,
+    SentenceEncoder,
+    TextFeaturizer,
+    normalize_text,
+    tfidf_width,
+)
 from adfilter.imageio import ImageError, ImageLimits, read_image
-from adfilter.schema import COLUMNS
+from adfilter.schema import COLUMNS, HIDDEN_IMAGE_AD
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2  # 2: margin columns in the tfidf block
 META_FILE: Final = "meta.json"
 TEXT_FILE: Final = "text.joblib"
 IMAGE_FILE: Final = "image.joblib"
@@ -103,9 +109,11 @@ class FeaturePipeline:
         images. `train_df` has the post columns; image paths are relative to `image_root`."""
         _check_columns(train_df, "train")
         norm = [normalize_text(t) for t in _texts(train_df)]
-        train_texts = [t for t in norm if t]
+        with_text = [i for i, t in enumerate(norm) if t]
+        train_texts = [norm[i] for i in with_text]
         if train_texts:
-            text = TextFeaturizer.fit(train_texts, params.text, seed)
+            text = TextFeaturizer.fit(train_texts, params.text, seed,
+                                      labels=_text_labels(train_df, with_text))
         else:
             text = None
             log.warning("no training post has text: the tfidf block will be zeros for every post")
@@ -139,7 +147,7 @@ class FeaturePipeline:
         `token_ids` is (N, max_seq_tokens) and `image_small` is (N, S, S, 3) with S the value
         given here; `has_text`/`has_image` are (N,) flags."""
         return {
-            "tfidf": self.params.text.svd_dim,
+            "tfidf": tfidf_width(self.params.text),
             "sent_emb": self.embedding_dim,
             **self.image.feature_dims,
             "token_ids": self.params.text.max_seq_tokens,
@@ -204,7 +212,7 @@ class FeaturePipeline:
             if self.text is not None:
                 tfidf = self.text.transform(norm)
             else:
-                tfidf = np.zeros((n, self.params.text.svd_dim), np.float32)
+                tfidf = np.zeros((n, tfidf_width(self.params.text)), np.float32)
         with _timed(timings, "embedding"):
             sent_emb = self.encoder.embed(norm, has_text, progress=progress)
         with _timed(timings, "tokenize"):
@@ -300,6 +308,27 @@ class FeaturePipeline:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _text_labels(df: pd.DataFrame, rows: list[int]) -> np.ndarray | None:
+    """The label of each post's text for the margin models: the post's label, except -1
+    (left out) for a hidden image ad, whose label comes from its image, not its clean text."""
+    if "label" not in df.columns:
+        return None
+    labels = df["label"].to_numpy().astype(int)[rows]
+    if "slice" in df.columns:
+        hidden = (df["slice"].astype(str).to_numpy() == HIDDEN_IMAGE_AD)[rows]
+        labels = np.where(hidden, -1, labels)
+    return labels
+
+
+def train_margins(pipeline: FeaturePipeline, train_df: pd.DataFrame) -> np.ndarray | None:
+    """Out-of-fold margins for the posts of `train_df` with text (in row order), from the
+    pipeline fitted on exactly that table; None when there are no margin columns."""
+    text = pipeline.text
+    if text is None or not pipeline.params.text.margins or text.oof_margins is None:
+        return None
+    return text.oof_margins
 
 
 def _check_columns(df: pd.DataFrame, what: str) -> None:

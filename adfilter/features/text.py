@@ -26,11 +26,13 @@ from adfilter.features.textnorm import normalize_text
 
 __all__ = [
     "BUNDLED",
+    "MARGIN_MODELS",
     "EmbedderError",
     "SentenceEncoder",
     "TextFeaturizer",
     "normalize_text",
     "resolve_embedder",
+    "tfidf_width",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,40 @@ class EmbedderError(RuntimeError):
 # --------------------------------------------------------------------------- TF-IDF + SVD
 
 
-class TextFeaturizer:
-    """TF-IDF word and char n-grams, stacked and reduced to `svd_dim` dense columns.
+MARGIN_MODELS: dict[str, str] = {
+    "char_svm": "char",   # LinearSVC on the char n-grams
+    "word_lr": "word",    # logistic regression on the word n-grams
+}
 
-    Build it with `TextFeaturizer.fit(normalised_train_texts, params, seed)`. A text without
-    any known n-gram (or an empty one) maps to a zero row, since TruncatedSVD does not centre.
+
+def tfidf_width(params: TextFeatureParams) -> int:
+    """Columns of the `tfidf` block: the SVD components, then one margin per margin model."""
+    return params.svd_dim + len(params.margins)
+
+
+def _margin_model(name: str, seed: int) -> Any:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    if name == "char_svm":
+        return LinearSVC(C=0.5, class_weight="balanced", random_state=seed)
+    return LogisticRegression(C=4.0, class_weight="balanced", max_iter=2000, random_state=seed)
+
+
+class TextFeaturizer:
+    """TF-IDF word and char n-grams, stacked and reduced to `svd_dim` dense columns, followed by
+    the decision margins of the supervised n-gram models in `params.margins`.
+
+    Build it with `TextFeaturizer.fit(normalised_train_texts, params, seed, labels)`. A text
+    without any known n-gram (or an empty one) maps to zero SVD columns, since TruncatedSVD
+    does not centre; its margins are the models' intercepts.
+
+    The margin columns are a supervised reduction of the same n-grams (stacking): a linear
+    model over 70,000 sparse n-grams sees spellings the 256 SVD components blur. On the
+    posts the models were fitted on, their margins are overconfident, so `fit` also keeps
+    `oof_margins`: for each fitting text the margin of a model fitted on the other folds.
+    The featurize stage writes those for the train split; every other split and every post
+    in serving gets the margins of the models fitted on all of train.
     """
 
     def __init__(
@@ -58,18 +89,47 @@ class TextFeaturizer:
         word: TfidfVectorizer,
         char: TfidfVectorizer,
         svd: TruncatedSVD,
+        margin_models: dict[str, Any] | None = None,
     ) -> None:
         self.params = params
         self.word = word
         self.char = char
         self.svd = svd
+        self.margin_models = dict(margin_models or {})
+        self.oof_margins: np.ndarray | None = None
+
+    @property
+    def width(self) -> int:
+        return tfidf_width(self.params)
 
     @classmethod
-    def fit(cls, texts: Sequence[str], params: TextFeatureParams, seed: int = 0) -> TextFeaturizer:
-        """Fit the vocabularies and the SVD on `texts` (normalised, non-empty training texts)."""
+    def fit(
+        cls,
+        texts: Sequence[str],
+        params: TextFeatureParams,
+        seed: int = 0,
+        labels: Sequence[int] | np.ndarray | None = None,
+    ) -> TextFeaturizer:
+        """Fit the vocabularies and the SVD on `texts` (normalised, non-empty training texts),
+        and the margin models on `texts` with `labels` (1 = ad, 0 = clean, -1 = leave this
+        text out of the margin fit), one label per text."""
         if not texts:
             raise ValueError(
                 "TextFeaturizer.fit: no training texts; the TF-IDF vocabulary needs some"
+            )
+        unknown = [m for m in params.margins if m not in MARGIN_MODELS]
+        if unknown:
+            raise ValueError(
+                f"featurize.text.margins: unknown models {unknown}; known: {sorted(MARGIN_MODELS)}"
+            )
+        if params.margins and labels is None:
+            raise ValueError(
+                f"TextFeaturizer.fit: featurize.text.margins {params.margins} need the labels of "
+                "the training texts"
+            )
+        if labels is not None and len(labels) != len(texts):
+            raise ValueError(
+                f"TextFeaturizer.fit: {len(texts)} texts but {len(labels)} labels"
             )
         word = TfidfVectorizer(
             analyzer="word",
@@ -85,7 +145,8 @@ class TextFeaturizer:
             sublinear_tf=True,
             dtype=np.float32,
         )
-        stacked = sp.hstack([word.fit_transform(texts), char.fit_transform(texts)]).tocsr()
+        x_word, x_char = word.fit_transform(texts), char.fit_transform(texts)
+        stacked = sp.hstack([x_word, x_char]).tocsr()
         # TruncatedSVD needs fewer components than columns, and more than there are training
         # texts only adds arbitrary directions; the output is zero-padded back to svd_dim so
         # the contract's width holds on tiny data too.
@@ -115,24 +176,71 @@ class TextFeaturizer:
             width,
             100 * float(svd.explained_variance_ratio_.sum()),
         )
-        return cls(params, word, char, svd)
+        featurizer = cls(params, word, char, svd)
+        if params.margins:
+            featurizer._fit_margins({"word": x_word, "char": x_char}, np.asarray(labels), seed)
+        return featurizer
+
+    def _fit_margins(self, blocks: dict[str, sp.csr_matrix], y: np.ndarray, seed: int) -> None:
+        from sklearn.model_selection import StratifiedKFold
+
+        # Label -1: a text whose post label says nothing about the text (a hidden image ad's
+        # clean caption); kept out of the fit, scored by the models fitted on all the others.
+        y = y.astype(int)
+        used = np.flatnonzero(y >= 0)
+        n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+        oof = np.zeros((len(y), len(self.params.margins)), np.float32)
+        if min(n_pos, n_neg) == 0:
+            log.warning("margin models %s not fitted: the training texts hold one class "
+                        "(%d ads, %d clean); their columns stay zero", self.params.margins,
+                        n_pos, n_neg)
+            self.oof_margins = oof
+            return
+        folds = min(self.params.margin_folds, n_pos, n_neg)
+        for j, name in enumerate(self.params.margins):
+            x = blocks[MARGIN_MODELS[name]]
+            full = _margin_model(name, seed).fit(x[used], y[used])
+            self.margin_models[name] = full
+            oof[:, j] = full.decision_function(x)  # kept for the rows outside the fit
+            if folds >= 2:
+                splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+                for fit_rows, held_rows in splitter.split(used, y[used]):
+                    fit_rows, held_rows = used[fit_rows], used[held_rows]
+                    model = _margin_model(name, seed).fit(x[fit_rows], y[fit_rows])
+                    oof[held_rows, j] = model.decision_function(x[held_rows])
+            else:
+                log.warning("margin model %s: too few texts of one class for out-of-fold "
+                            "margins (%d ads, %d clean); train rows get in-sample margins",
+                            name, n_pos, n_neg)
+        self.oof_margins = oof
+        log.info("margin models %s fitted on %d of %d texts (%d ads); out-of-fold margins from "
+                 "%d folds", self.params.margins, len(used), len(y), n_pos, folds)
 
     def transform(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 (N, svd_dim) for normalised texts."""
-        out = np.zeros((len(texts), self.params.svd_dim), np.float32)
+        """float32 (N, svd_dim + len(margins)) for normalised texts."""
+        out = np.zeros((len(texts), self.width), np.float32)
         if len(texts):
-            stacked = sp.hstack([self.word.transform(texts), self.char.transform(texts)]).tocsr()
-            reduced = self.svd.transform(stacked)
+            x_word, x_char = self.word.transform(texts), self.char.transform(texts)
+            reduced = self.svd.transform(sp.hstack([x_word, x_char]).tocsr())
             out[:, : reduced.shape[1]] = reduced
+            blocks = {"word": x_word, "char": x_char}
+            for j, name in enumerate(self.params.margins):
+                model = self.margin_models.get(name)
+                if model is not None:
+                    out[:, self.params.svd_dim + j] = model.decision_function(
+                        blocks[MARGIN_MODELS[name]]
+                    )
         return out
 
     def state(self) -> dict[str, Any]:
         """The fitted parts, for joblib."""
-        return {"word": self.word, "char": self.char, "svd": self.svd}
+        return {"word": self.word, "char": self.char, "svd": self.svd,
+                "margin_models": self.margin_models}
 
     @classmethod
     def from_state(cls, params: TextFeatureParams, state: dict[str, Any]) -> TextFeaturizer:
-        return cls(params, state["word"], state["char"], state["svd"])
+        return cls(params, state["word"], state["char"], state["svd"],
+                   state.get("margin_models"))
 
 
 # --------------------------------------------------------------------------- sentence model

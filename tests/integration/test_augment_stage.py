@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 FEATURIZE = FeaturizeParams(
     text=TextFeatureParams(word_ngram_range=[1, 2], char_ngram_range=[2, 4], max_features_word=500,
-                           max_features_char=2000, svd_dim=6, embedder="bundled",
+                           max_features_char=2000, svd_dim=6, margins=[], margin_folds=5, embedder="bundled",
                            embed_batch_size=32, max_seq_tokens=16),
     image=ImageFeatureParams(image_size=64, sift_max_keypoints=40, sift_vocab_size=8,
                              sift_kmeans_sample=4000, hsv_bins=[4, 2, 2], net_image_size=16,

@@ -24,6 +24,8 @@ PARAMS = TextFeatureParams(
     max_features_word=500,
     max_features_char=2000,
     svd_dim=6,
+    margins=[],
+    margin_folds=5,
     embedder="bundled",
     embed_batch_size=4,
     max_seq_tokens=12,
@@ -143,3 +145,71 @@ def test_unloadable_embedder_fails_with_a_clear_message(tmp_path: Path) -> None:
     enc = SentenceEncoder(str(tmp_path / "no-such-model"), batch_size=2, max_seq_tokens=8)
     with pytest.raises(EmbedderError, match="featurize.text.embedder"):
         enc.embed(["hello"], np.ones(1, bool))
+
+
+# --------------------------------------------------------------------------- margin columns
+
+MARGINS = TextFeatureParams(**{**PARAMS.__dict__, "margins": ["char_svm", "word_lr"],
+                               "margin_folds": 3})
+LABELS = [1, 1, 1, 0, 0, 0, 0, 1]
+
+
+def _many() -> tuple[list[str], np.ndarray]:
+    """40 texts: the 8 above with a number appended, so folds have both classes."""
+    texts = [normalize_text(f"{t} {k}") for k in range(5) for t in TRAIN]
+    return texts, np.array(LABELS * 5)
+
+
+def test_margin_columns_follow_the_svd_block_and_rank_ads_first() -> None:
+    texts, y = _many()
+    feats = TextFeaturizer.fit(texts, MARGINS, seed=0, labels=y)
+    out = feats.transform([normalize_text("win a free prize call now"),
+                           normalize_text("see you at lunch tomorrow")])
+    assert out.shape == (2, 8) and feats.width == 8
+    assert (out[0, 6:] > out[1, 6:]).all()  # both models: the ad scores above the clean text
+
+
+def test_train_texts_get_out_of_fold_margins() -> None:
+    texts, y = _many()
+    feats = TextFeaturizer.fit(texts, MARGINS, seed=0, labels=y)
+    in_sample = feats.transform(texts)[:, 6:]
+    assert feats.oof_margins.shape == (40, 2)
+    # Models that never saw a text are less sure of it than the one fitted on it.
+    assert not np.allclose(feats.oof_margins, in_sample)
+    sign = np.where(y == 1, 1.0, -1.0)[:, None]
+    assert (sign * feats.oof_margins).mean() < (sign * in_sample).mean()
+
+
+def test_texts_labelled_minus_one_stay_out_of_the_margin_fit() -> None:
+    texts, y = _many()
+    left_out = y.copy()
+    left_out[:8] = -1  # the first copy of every text: like hidden image ads' captions
+    feats = TextFeaturizer.fit(texts, MARGINS, seed=0, labels=left_out)
+    # Left-out rows are scored by the models fitted on all the others, not out of fold.
+    full = feats.transform(texts[:8])[:, 6:]
+    np.testing.assert_allclose(feats.oof_margins[:8], full, rtol=1e-5, atol=1e-5)
+
+
+def test_margins_need_labels_and_known_names() -> None:
+    texts, y = _many()
+    with pytest.raises(ValueError, match="need the labels"):
+        TextFeaturizer.fit(texts, MARGINS, seed=0)
+    bad = TextFeatureParams(**{**PARAMS.__dict__, "margins": ["bert_head"]})
+    with pytest.raises(ValueError, match=r"unknown models \['bert_head'\]"):
+        TextFeaturizer.fit(texts, bad, seed=0, labels=y)
+    with pytest.raises(ValueError, match="40 texts but 3 labels"):
+        TextFeaturizer.fit(texts, MARGINS, seed=0, labels=[0, 1, 0])
+
+
+def test_one_class_leaves_the_margin_columns_zero() -> None:
+    texts, _ = _many()
+    feats = TextFeaturizer.fit(texts, MARGINS, seed=0, labels=np.zeros(40, int))
+    assert not feats.transform(texts)[:, 6:].any()
+    assert not feats.oof_margins.any()
+
+
+def test_margin_models_survive_state_round_trip() -> None:
+    texts, y = _many()
+    feats = TextFeaturizer.fit(texts, MARGINS, seed=0, labels=y)
+    again = TextFeaturizer.from_state(MARGINS, feats.state())
+    np.testing.assert_array_equal(again.transform(texts), feats.transform(texts))
