@@ -235,6 +235,8 @@ class GateParams:
     thread: int                     # 1 = deterministic training
     seed: int
     max_recall_loss: float          # recall the cascade may lose against the deep model alone
+    block: bool                     # false: the gate only allows, so it can add no false kill
+    safety_logit: float             # thresholds moved this far (logit) from the exact val fit
 
 
 @dataclass(frozen=True)

@@ -186,12 +186,18 @@ def calibrate(
     p_deep_val: np.ndarray,
     deep_threshold: float,
     max_recall_loss: float = 0.002,
+    block: bool = True,
+    safety_logit: float = 0.0,
 ) -> tuple[float, float]:
     """`(low, high)` on the validation split (see the module docstring for the search).
 
     `p_deep_val` is the deep model's score that `deep_threshold` applies to (in this project
     the net's `score` and `model.threshold`); a post is blocked by it when `p > deep_threshold`.
+    `block=False` gives `high = NEVER_BLOCK`; `safety_logit` moves `low` down and `high` up by
+    that much in logit space from the exact fit, a margin for posts the split did not hold.
     """
+    if safety_logit < 0:
+        raise ValueError(f"calibrate: safety_logit must be >= 0, got {safety_logit}")
     p = np.asarray(p_gate_val, dtype=np.float64).ravel()
     y = np.asarray(y_val).astype(int).ravel()
     deep = np.asarray(p_deep_val, dtype=np.float64).ravel() > deep_threshold
@@ -216,7 +222,7 @@ def calibrate(
     allowed_by_deep = clean & ~deep
     bound = p[allowed_by_deep].max() if allowed_by_deep.any() else p[clean].max()
     above = p[p > bound]
-    high = float(above.min()) if above.size else NEVER_BLOCK
+    high = float(above.min()) if above.size and block else NEVER_BLOCK
 
     budget = math.floor(max_recall_loss * n_ads + 1e-9)
     gained = int(((y == 1) & ~deep & (p >= high)).sum())
@@ -226,7 +232,15 @@ def calibrate(
     lost = np.searchsorted(np.sort(p[caught_by_deep]), candidates, side="right")
     ok = np.flatnonzero(lost - gained <= budget)
     low = float(candidates[ok[-1]]) if ok.size else NEVER_ALLOW
-    return low, high
+    return _shift(low, -safety_logit, NEVER_ALLOW), _shift(high, safety_logit, NEVER_BLOCK)
+
+
+def _shift(p: float, by: float, never: float) -> float:
+    """`p` moved by `by` in logit space; the never-values and exact 0/1 stay as they are."""
+    if by == 0 or p == never or not 0.0 < p < 1.0:
+        return p
+    logit = math.log(p / (1.0 - p)) + by
+    return float(1.0 / (1.0 + math.exp(-logit)))
 
 
 def cascade_report(
@@ -315,6 +329,8 @@ class FastTextGate:
             p_deep_val,
             deep_threshold,
             self.params.max_recall_loss,
+            block=self.params.block,
+            safety_logit=self.params.safety_logit,
         )
         return self.low, self.high
 
@@ -352,4 +368,6 @@ class FastTextGate:
                 )
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         model = fasttext.load_model(str(model_path))
-        return cls(model, GateParams(**meta["params"]), float(meta["low"]), float(meta["high"]))
+        # gate.json files written before `block` and `safety_logit` existed blocked, no margin.
+        params = GateParams(**{"block": True, "safety_logit": 0.0, **meta["params"]})
+        return cls(model, params, float(meta["low"]), float(meta["high"]))

@@ -8,7 +8,8 @@ alone would allow:
     the post has an image        -> deep
     no text                      -> deep   (nothing for the gate to read)
     p_gate <= low                -> allow  (confidently clean text)
-    p_gate >= high               -> block  (confidently an ad)
+    p_gate >= high               -> block  (confidently an ad; only with `gate.block: true`,
+                                               otherwise `high` is 2.0 and the gate never blocks)
     otherwise                    -> deep
 
 Why every image post goes to the deep model: the `hidden_image_ad` slice is exactly clean text

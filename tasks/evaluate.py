@@ -505,9 +505,20 @@ def write_plots(
     return paths
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.evaluate",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model-dir", default="artifacts/model", type=Path,
+                        help="the trained net to score (train's out dir)")
+    parser.add_argument("--reports-dir", default="reports", type=Path,
+                        help="where metrics.json, test_predictions.csv and plots/ go")
+    args = parser.parse_args(argv)
     setup_logging()
-    metrics = evaluate(load_params("params.yaml"))
+    metrics = evaluate(load_params(args.params), model_dir=args.model_dir,
+                       reports_dir=args.reports_dir)
     print(render_table(metrics))
 
 

@@ -558,13 +558,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-file", default=None, type=Path,
                         help="train on this npz instead of data/features/train.npz "
                              "(e.g. data/augmented/train.npz)")
+    parser.add_argument("--out-dir", default="artifacts/model", type=Path,
+                        help="where model.ckpt and config.json go")
+    parser.add_argument("--checkpoint-dir", default="artifacts/checkpoints", type=Path)
+    parser.add_argument("--report", default="reports/train.json", type=Path)
     args = parser.parse_args(argv)
     setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     resume: bool | str = args.resume_from or not args.no_resume
     train(load_params(args.params), mlflow_run_id=args.mlflow_run_id, resume=resume,
-          train_file=args.train_file)
+          train_file=args.train_file, out_dir=args.out_dir, checkpoint_dir=args.checkpoint_dir,
+          report_path=args.report)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def build_bundle(dest: Path, seed: int = 0, low: float | None = None,
 
     gate_params = GateParams(epoch=25, lr=0.5, word_ngrams=2, minn=2, maxn=4, dim=16,
                              bucket=20000, min_count=1, thread=1, seed=seed,
-                             max_recall_loss=0.002)
+                             max_recall_loss=0.002, block=True, safety_logit=0.0)
     text_rows = df[df["text"] != ""]
     gate = FastTextGate.train(text_rows["text"].tolist(), text_rows["label"].to_numpy(), gate_params)
     gate.low = 0.2 if low is None else low

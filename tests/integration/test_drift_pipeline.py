@@ -138,7 +138,7 @@ def build_world(tmp: Path) -> dict[str, Any]:
     texts = [(normalize_text(p.text), p.label) for p in train if p.text]
     gate = FastTextGate.train([t for t, _ in texts], np.array([y for _, y in texts]), GateParams(
         epoch=10, lr=0.5, word_ngrams=2, minn=2, maxn=4, dim=16, bucket=20000, min_count=1,
-        thread=1, seed=0, max_recall_loss=0.002))
+        thread=1, seed=0, max_recall_loss=0.002, block=True, safety_logit=0.0))
     gate.low, gate.high = 0.2, 0.8
     gate.save(bundle)
 

@@ -33,7 +33,7 @@ PARAMS = GateParams(
     min_count=1,
     thread=1,
     seed=0,
-    max_recall_loss=0.002,
+    max_recall_loss=0.002, block=True, safety_logit=0.0
 )
 
 ADS = [
@@ -143,6 +143,36 @@ def test_calibrate_on_a_crafted_set() -> None:
     report = cascade_report(p_gate, y, p_deep, 0.85, low, high)
     assert report["recall_deep"] - report["recall_cascade"] == pytest.approx(0.2)
     assert report["false_kills_cascade"] <= report["false_kills_deep"]
+
+
+def test_an_allow_only_gate_never_blocks_and_the_margin_moves_low_down() -> None:
+    y = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    p_gate = np.array([0.01, 0.02, 0.05, 0.3, 0.6, 0.97, 0.04, 0.5, 0.8, 0.95, 0.99])
+    p_deep = np.array([0.0, 0.1, 0.0, 0.2, 0.1, 0.95, 0.9, 0.9, 0.9, 0.95, 0.99])
+    low, high = calibrate(p_gate, y, p_deep, 0.85, max_recall_loss=0.0, block=False)
+    assert (low, high) == (0.02, NEVER_BLOCK)
+    assert not (route(p_gate, low, high) == GATE_BLOCK).any()
+
+    low_m, high_m = calibrate(p_gate, y, p_deep, 0.85, max_recall_loss=0.0, safety_logit=1.0)
+    logit = math.log(0.02 / 0.98) - 1.0
+    assert low_m == pytest.approx(1 / (1 + math.exp(-logit)))
+    assert low_m < 0.02 and 0.8 < high_m < 1.0
+    logit_high = math.log(0.8 / 0.2) + 1.0
+    assert high_m == pytest.approx(1 / (1 + math.exp(-logit_high)))
+    with pytest.raises(ValueError, match="safety_logit must be >= 0"):
+        calibrate(p_gate, y, p_deep, 0.85, safety_logit=-1.0)
+
+
+def test_a_gate_json_without_the_newer_keys_loads_as_a_blocking_gate(
+    gate: FastTextGate, tmp_path: Path
+) -> None:
+    gate.save(tmp_path)
+    meta = json.loads((tmp_path / "gate.json").read_text())
+    for key in ("block", "safety_logit"):
+        meta["params"].pop(key)
+    (tmp_path / "gate.json").write_text(json.dumps(meta))
+    loaded = FastTextGate.load(tmp_path)
+    assert loaded.params.block is True and loaded.params.safety_logit == 0.0
 
 
 @pytest.mark.parametrize("seed", range(6))

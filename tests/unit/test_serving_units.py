@@ -75,7 +75,7 @@ def gate_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.gate import FastTextGate
 
     params = GateParams(epoch=15, lr=0.5, word_ngrams=2, minn=2, maxn=4, dim=8, bucket=5000,
-                        min_count=1, thread=1, seed=0, max_recall_loss=0.002)
+                        min_count=1, thread=1, seed=0, max_recall_loss=0.002, block=True, safety_logit=0.0)
     texts = (ADS + CLEAN) * 6
     labels = np.array(([1] * len(ADS) + [0] * len(CLEAN)) * 6)
     gate = FastTextGate.train(texts, labels, params)
