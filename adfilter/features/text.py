@@ -97,6 +97,19 @@ class TextFeaturizer:
         self.svd = svd
         self.margin_models = dict(margin_models or {})
         self.oof_margins: np.ndarray | None = None
+        self._projection: np.ndarray | None = None
+
+    @property
+    def projection(self) -> np.ndarray:
+        """The SVD's components as a C-contiguous (n_ngrams, svd width) matrix.
+
+        `TruncatedSVD.transform` multiplies by `components_.T`, a Fortran-ordered view, and
+        scipy copies all 70,000 x 256 of it on every call: 12 ms for one post in serving,
+        against 7 us here, with bit-identical results.
+        """
+        if self._projection is None:
+            self._projection = np.ascontiguousarray(self.svd.components_.T)
+        return self._projection
 
     @property
     def width(self) -> int:
@@ -221,7 +234,7 @@ class TextFeaturizer:
         out = np.zeros((len(texts), self.width), np.float32)
         if len(texts):
             x_word, x_char = self.word.transform(texts), self.char.transform(texts)
-            reduced = self.svd.transform(sp.hstack([x_word, x_char]).tocsr())
+            reduced = np.asarray(sp.hstack([x_word, x_char]).tocsr() @ self.projection)
             out[:, : reduced.shape[1]] = reduced
             blocks = {"word": x_word, "char": x_char}
             for j, name in enumerate(self.params.margins):

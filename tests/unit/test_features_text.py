@@ -213,3 +213,14 @@ def test_margin_models_survive_state_round_trip() -> None:
     feats = TextFeaturizer.fit(texts, MARGINS, seed=0, labels=y)
     again = TextFeaturizer.from_state(MARGINS, feats.state())
     np.testing.assert_array_equal(again.transform(texts), feats.transform(texts))
+
+
+def test_the_contiguous_projection_gives_exactly_the_svd_transform() -> None:
+    import scipy.sparse as sp
+
+    texts, y = _many()
+    feats = TextFeaturizer.fit(texts, MARGINS, seed=0, labels=y)
+    stacked = sp.hstack([feats.word.transform(texts), feats.char.transform(texts)]).tocsr()
+    expected = feats.svd.transform(stacked)
+    np.testing.assert_array_equal(feats.transform(texts)[:, : expected.shape[1]], expected)
+    assert feats.projection.flags["C_CONTIGUOUS"]
