@@ -12,9 +12,10 @@ Workers share a study through one RDB storage (`tune.storage`): start more with
 seeds its sampler from `seed`, its index and the trials already in the study, so workers and
 reruns do not propose the same points again. SQLite serves a few local workers; use
 PostgreSQL for many or for several machines. The study name is `tune.study_name` plus a
-fingerprint of the features and of every parameter that changes a trial's outcome, so trials
-on other data or another model never mix into one study, and workers started with the same
-`params.yaml` and features find each other. `tune.timeout` bounds each worker's search,
+fingerprint of the features, of every parameter that changes a trial's outcome and of the
+code a trial runs (`TRIAL_CODE`), so trials on other data, another model or other training code
+never mix into one study, and workers started from the same checkout, `params.yaml` and
+features find each other. `tune.timeout` bounds each worker's search,
 including a trial that is still running when it runs out (that trial counts as pruned).
 
 `tune.enabled: false` (or `n_trials: 0`) skips the search: `best_params.json` then holds the
@@ -50,6 +51,11 @@ TUNED_KEYS = ("lr", "dropout", "feature_dim")
 FEATURE_FILES = ("train.npz", "val.npz")
 # Keys that change how long a worker searches or where it stores trials, not what a trial gives.
 _NOT_IN_FINGERPRINT = ("enabled", "n_trials", "timeout", "storage", "study_name", "sqlite_timeout")
+# The code a trial runs (the tune stage's own deps in dvc.yaml): a trial fitted by other code
+# is a trial of another model, and its value says nothing about this one's.
+TRIAL_CODE = ("tasks/tune.py", "tasks/train.py", "models/net.py", "models/registry.py",
+              "models/lit.py", "models/data.py", "models/calibration.py")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 T = TypeVar("T")
 # (trial, MLflow run id of the trial, deadline or None) -> the trial's value
@@ -79,6 +85,7 @@ def study_name_for(params: Params, features_dir: Path) -> str:
         "model": resolved.get("model"),
         "train": resolved.get("train"),
         "features": content_hash([features_dir / f for f in FEATURE_FILES], features_dir),
+        "code": content_hash([PROJECT_ROOT / f for f in TRIAL_CODE], PROJECT_ROOT),
     }
     digest = hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
     return f"{params.tune.study_name}-{digest[:10]}"

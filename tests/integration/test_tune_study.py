@@ -69,6 +69,23 @@ def test_study_name_follows_data_and_model_not_worker_settings(tmp_path: Path) -
         study_name_for(params, tmp_path / "empty")
 
 
+def test_study_name_follows_the_code_a_trial_runs(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.tune as tune_module
+
+    features, _ = write_features(tmp_path, sizes={"train": 12, "val": 6, "test": 6})
+    params = _params(tmp_path)
+    checkout = tmp_path / "checkout"
+    for rel in tune_module.TRIAL_CODE:
+        (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / rel).write_text(f"# {rel}\n")
+    monkeypatch.setattr(tune_module, "PROJECT_ROOT", checkout)
+    name = study_name_for(params, features)
+    assert study_name_for(params, features) == name
+    (checkout / "models/net.py").write_text("# another net\n")
+    assert study_name_for(params, features) != name
+
+
 def test_subset_is_stratified_and_takes_fraction_or_count() -> None:
     labels = np.array([1] * 20 + [0] * 80)
     rows = subset_indices(labels, 0.25, seed=0)
