@@ -11,6 +11,7 @@ model serving; the failure is kept for `GET /readyz` and counted in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -135,10 +136,11 @@ class ModelManager:
                 self._loading.clear()
 
     def _load_locked(self, source: str | None, force: bool) -> None:
+        # A background load has no caller to raise to: `_load` has already logged the failure,
+        # counted it and put it in `last_error` (shown by /readyz), and the old model serves on.
         try:
-            self._load(source, force)
-        except Exception:
-            pass  # recorded in last_error by _load
+            with contextlib.suppress(Exception):
+                self._load(source, force)
         finally:
             self._loading.clear()
             self._load_lock.release()

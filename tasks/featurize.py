@@ -70,7 +70,7 @@ def featurize(
         start = time.perf_counter()
         arrays = pipeline.transform(df, image_root=image_root, limits=limits, timings=timings)
         if name == "train":
-            _use_out_of_fold_margins(pipeline, df, arrays)
+            _use_out_of_fold_margins(pipeline, arrays)
         timings["total"] = time.perf_counter() - start
         np.savez_compressed(out_dir / f"{name}.npz", **arrays)
         per_split[name] = _split_summary(arrays, timings)
@@ -125,10 +125,9 @@ def featurize(
     return report
 
 
-def _use_out_of_fold_margins(pipeline: FeaturePipeline, train_df: pd.DataFrame,
-                             arrays: dict[str, np.ndarray]) -> None:
+def _use_out_of_fold_margins(pipeline: FeaturePipeline, arrays: dict[str, np.ndarray]) -> None:
     """Train rows get the margin models' out-of-fold margins, not the in-sample ones."""
-    oof = train_margins(pipeline, train_df)
+    oof = train_margins(pipeline)
     if oof is None:
         return
     rows = np.flatnonzero(arrays["has_text"])

@@ -376,7 +376,7 @@ def _slim_checkpoint(best: Path, dest: Path) -> dict[str, Any]:
 
 def _val_raw_logits(net: torch.nn.Module, datamodule: PostFeaturesDataModule) -> np.ndarray:
     """The ad head's logits on val, before any Platt scaling."""
-    net.set_calibration(*IDENTITY.to_dict().values())
+    net.set_calibration(IDENTITY.scale, IDENTITY.bias)
     logits = []
     net.eval()
     with torch.inference_mode():

@@ -322,9 +322,9 @@ def _text_labels(df: pd.DataFrame, rows: list[int]) -> np.ndarray | None:
     return labels
 
 
-def train_margins(pipeline: FeaturePipeline, train_df: pd.DataFrame) -> np.ndarray | None:
-    """Out-of-fold margins for the posts of `train_df` with text (in row order), from the
-    pipeline fitted on exactly that table; None when there are no margin columns."""
+def train_margins(pipeline: FeaturePipeline) -> np.ndarray | None:
+    """Out-of-fold margins for the training posts with text (in row order) of the table the
+    pipeline was fitted on; None when there are no margin columns."""
     text = pipeline.text
     if text is None or not pipeline.params.text.margins or text.oof_margins is None:
         return None
