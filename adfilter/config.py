@@ -156,6 +156,10 @@ class GanParams:
     batch_size: int
     lr: float
     moment_weight: float            # weight of the batch moment-matching term in the generator loss
+    min_step: float                 # a variant moves at least this far from its parent (RMS, in std units)
+    max_step: float                 # ... and each feature at most this far
+    step_weight: float              # weight of the min_step hinge in the generator loss
+    basis_dim: int                  # dense blocks move along their top principal directions only
     holdout_fraction: float         # train posts kept from the GAN for the quality check
     sensitivity_boost: float        # an ad is drawn as a condition with weight 1 + boost * sensitivity
     max_c2st_auc: float             # no sample is used when a classifier tells fake from real better
@@ -524,6 +528,7 @@ class DriftSimulateParams:
     shift_share: float              # image-shift: share of the images that pass the new camera look
     feedback_share: float           # share of posts a simulated moderator labels (POST /v1/feedback)
     store_image_small: bool         # keep image_small in the store's blobs (the image branch's SHAP needs it)
+    unseen_texts_from: str          # a table whose texts the traffic does not use (the train split); "" = none
 
 
 @dataclass(frozen=True)

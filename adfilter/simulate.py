@@ -30,7 +30,7 @@ import functools
 import io
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -226,8 +226,14 @@ def generate_posts(
     sample: SampleParams,
     variant_share: float = 1.0,
     shift_share: float = 1.0,
+    exclude_texts: Collection[str] = (),
 ) -> Iterator[SimPost]:
-    """`n` posts of `scenario` (see the module docstring), the same for the same arguments."""
+    """`n` posts of `scenario` (see the module docstring), the same for the same arguments.
+
+    Texts in `exclude_texts` (the train split's) are not used: live traffic is posts the model
+    has never seen, and the served TF-IDF margins are overconfident on the texts they were
+    fitted on, which would make even `stable` traffic look unlike the reference (unseen val and
+    test posts)."""
     from adfilter.sample import load_backgrounds, load_sms_corpus, make_background, plan_sample
     from adfilter.sample.build import render_post_image
 
@@ -235,6 +241,8 @@ def generate_posts(
     if n < 0:
         raise ScenarioError(f"--n must be >= 0, got {n}")
     corpus = load_sms_corpus()
+    if exclude_texts:
+        corpus = corpus[~corpus["text"].isin(set(exclude_texts))].reset_index(drop=True)
     backgrounds = load_backgrounds()
     made = 0
     chunk_no = 0

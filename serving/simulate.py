@@ -22,6 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,21 @@ def _post(client: Any, path: str, body: dict[str, Any]) -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
+def unseen_texts(path: str) -> frozenset[str]:
+    """The texts of the table at `path` (the train split), which simulated traffic leaves out;
+    none when `path` is empty or missing (then said in the log)."""
+    if not path:
+        return frozenset()
+    if not Path(path).is_file():
+        log.warning("drift.simulate.unseen_texts_from: %s does not exist; the traffic may reuse "
+                    "texts the model was trained on", path)
+        return frozenset()
+    import pandas as pd
+
+    texts = pd.read_parquet(path, columns=["text"])["text"].dropna()
+    return frozenset(t for t in texts if t)
+
+
 def simulate(
     params: Params,
     scenario: str,
@@ -157,7 +173,7 @@ def simulate(
     before = _count_rows(store_url)
     rng = random.Random(f"simulate:{scenario}:{seed}")
     posts = generate_posts(scenario, n, seed, params.ingest.sample, cfg.variant_share,
-                           cfg.shift_share)
+                           cfg.shift_share, unseen_texts(cfg.unseen_texts_from))
     tally: dict[tuple[str, int, str], int] = {}
     stages: dict[str, int] = {}
     feedback = 0

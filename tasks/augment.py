@@ -25,15 +25,16 @@ How each source makes a row:
   arrays are the parent's (its image did not change).
 - `image_transform`: the parent's image through the torchvision.transforms.v2 pipeline
   (`adfilter.augment.images`), featurised the same way; the text arrays are the parent's.
-- `gan`: the five handcrafted blocks come from the conditional GAN (`models.gan`), asked for
-  an ad with the sensitivity and modalities of a real train ad. A GAN sample has no text and
-  no image of its own, so `token_ids` and `image_small` are copied from the real train ad
-  nearest to the sample (same modalities, distance over the handcrafted blocks), which is
-  also its `parent_id`; `has_text`/`has_image` are that condition's. The net's raw branches
-  therefore see a real ad while its handcrafted tokens see a synthetic one: the GAN adds
-  variety to the handcrafted features only, and says so here rather than inventing pixels or
-  token ids it cannot make. Samples are used only when the GAN passes its two-sample test,
-  and then only those inside the k-NN ball of a real ad.
+- `gan`: the five handcrafted blocks come from the parent-conditioned GAN (`models.gan`): it
+  varies a real train ad (drawn with weight 1 + `sensitivity_boost` * sensitivity, so that
+  sensitive ads are varied more often) into a new point of the ads' feature distribution. A
+  GAN sample has no text and no image of its own, so `token_ids` and `image_small` are those
+  of the ad it varies, which is also its `parent_id`; `has_text`/`has_image`/`sensitivity`
+  are the parent's. The net's raw branches therefore see a real ad while its handcrafted
+  tokens see a synthetic one: the GAN adds variety to the handcrafted features only, and says
+  so here rather than inventing pixels or token ids it cannot make. Samples are used only
+  when the GAN passes its two-sample test, and then only those inside the k-NN ball of a
+  real ad.
 
 Originals are always kept. Variants of text and images are made from ads for
 `ad_parent_share` of the rows (the rare class), from clean posts for the rest: clean posts
@@ -430,8 +431,22 @@ def _featurize_images(pipeline: FeaturePipeline, images: list[np.ndarray]) -> Ar
 # --------------------------------------------------------------------------- GAN
 
 
-def gan_samples(base: Arrays, aug: AugmentParams, count: int, seed: int) -> tuple[Arrays, dict[str, Any]]:
-    """`count` GAN ads that pass the quality bar (fewer, or none, when they do not)."""
+def _same_kind_rows(pool: np.ndarray, rows: np.ndarray, has_text: np.ndarray,
+                    has_image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For every index in `rows`, a random index of `pool` with the same modalities (any of
+    `pool` when none has them)."""
+    out = np.empty(len(rows), dtype=np.int64)
+    for i, r in enumerate(rows):
+        same = pool[(has_text[pool] == has_text[r]) & (has_image[pool] == has_image[r])]
+        out[i] = rng.choice(same if len(same) else pool)
+    return out
+
+
+def gan_samples(base: Arrays, aug: AugmentParams, count: int, seed: int,
+                n_margins: int = 0) -> tuple[Arrays, dict[str, Any]]:
+    """`count` GAN ads that pass the quality bar (fewer, or none, when they do not).
+    `n_margins`: the margin columns at the end of the tfidf block, which keep the parent's
+    value (`models.gan.principal_bases`)."""
     from sklearn.model_selection import train_test_split
 
     from models import gan as G
@@ -450,7 +465,8 @@ def gan_samples(base: Arrays, aug: AugmentParams, count: int, seed: int) -> tupl
     started = time.perf_counter()
     train_idx, hold_idx = train_test_split(np.arange(n), test_size=gp.holdout_fraction,
                                            stratify=labels, random_state=seed)
-    gan = G.train_gan(x[train_idx], cond[train_idx], layout, gp, seed=seed)
+    gan = G.train_gan(x[train_idx], cond[train_idx], layout, gp, seed=seed,
+                      fixed_tail={"tfidf": n_margins})
     train_s = time.perf_counter() - started
 
     hold_ads = hold_idx[labels[hold_idx] == 1]
@@ -461,21 +477,26 @@ def gan_samples(base: Arrays, aug: AugmentParams, count: int, seed: int) -> tupl
             "reason": f"{len(hold_ads)} held-out ads, fewer than the 10 the two-sample test needs; "
                       f"raise augment.gan.holdout_fraction or use more data",
         }
-    fake_hold = gan.sample(cond[hold_ads], seed=seed + 1)
+    # The test: variants of train ads the GAN saw, one per held-out ad and of its kind
+    # (modalities), against those held-out ads; real train ads against them give the scale.
+    rng = np.random.default_rng(seed)
+    hold_parents = _same_kind_rows(train_ads, hold_ads, has_text, has_image, rng)
+    fake_hold = gan.sample(x[hold_parents], cond[hold_ads], seed=seed + 1)
     quality = G.quality_report(gan.mean, gan.std, layout, x[hold_ads], fake_hold, x[train_ads],
-                               gp, seed=seed)
+                               gp, seed=seed, real_parents=x[hold_parents])
     report: dict[str, Any] = {
         "planned": count,
         "trained_on": int(len(train_idx)),
         "quality": quality,
         "history": G.summarize_history(gan.history),
-        "raw_inputs": "token_ids and image_small copied from the nearest real train ad "
-                      "(same modalities), which is the sample's parent_id",
+        "raw_inputs": "token_ids and image_small of the real train ad the sample varies, which "
+                      "is the sample's parent_id",
         "seconds": {"train": round(train_s, 2)},
     }
-    log.info("GAN quality: C2ST AUC %.3f (bar %.2f), MMD2 %.5f (real baseline %.5f), k-NN "
-             "precision %.2f", quality["c2st_auc"], gp.max_c2st_auc, quality["mmd2"],
-             quality["mmd2_real_baseline"], quality["knn_precision"])
+    log.info("GAN quality: C2ST AUC %.3f (bar %.2f; real train ads %.3f), MMD2 %.5f (real "
+             "baseline %.5f), k-NN precision %.2f", quality["c2st_auc"], gp.max_c2st_auc,
+             quality["c2st_auc_real_baseline"], quality["mmd2"], quality["mmd2_real_baseline"],
+             quality["knn_precision"])
     if not quality["passed"]:
         log.warning("GAN samples rejected: C2ST AUC %.3f > augment.gan.max_c2st_auc %.2f; the gan "
                     "source adds nothing this run", quality["c2st_auc"], gp.max_c2st_auc)
@@ -484,39 +505,30 @@ def gan_samples(base: Arrays, aug: AugmentParams, count: int, seed: int) -> tupl
 
     ads = np.flatnonzero(labels == 1)
     q_ads = G.quality_space(x[ads], layout, gan.mean, gan.std)
-    rng = np.random.default_rng(seed)
     kept_x: list[np.ndarray] = []
     kept_c: list[np.ndarray] = []
+    kept_p: list[np.ndarray] = []
     drawn = rejected = 0
     for round_ in range(gp.max_rounds):
         need = count - sum(len(k) for k in kept_x)
         if need <= 0:
             break
         ask = int(need / max(quality["knn_precision"], 0.1) * 1.2) + 8
-        _, c = G.draw_conditions(sens[ads], has_text[ads], has_image[ads], ask, gp.sensitivity_boost, rng)
-        fake = gan.sample(c, seed=seed + 100 + round_)
+        pick, c = G.draw_conditions(sens[ads], has_text[ads], has_image[ads], ask, gp.sensitivity_boost, rng)
+        fake = gan.sample(x[ads[pick]], c, seed=seed + 100 + round_)
         ok = G.knn_realism(q_ads, G.quality_space(fake, layout, gan.mean, gan.std), gp.knn_k)
         drawn += len(fake)
         rejected += int((~ok).sum())
         kept_x.append(fake[ok][:need])
         kept_c.append(c[ok][:need])
+        kept_p.append(ads[pick][ok][:need])
     fake = np.concatenate(kept_x) if kept_x else np.zeros((0, layout.dim), np.float32)
     c = np.concatenate(kept_c) if kept_c else np.zeros((0, G.COND_DIM), np.float32)
+    parents = np.concatenate(kept_p) if kept_p else np.zeros(0, dtype=np.int64)
     if not len(fake):
         return _empty_like(base), {**report, "added": 0, "used": False,
                                    "reason": "no sample passed the k-NN realism check"}
 
-    # Parent: the nearest real ad with the same modalities, for the raw inputs (see the docstring).
-    parents = np.zeros(len(fake), dtype=np.int64)
-    q_fake = G.quality_space(fake, layout, gan.mean, gan.std)
-    for ht in (False, True):
-        for hi in (False, True):
-            want = (c[:, 2] > 0.5) == ht
-            want &= (c[:, 3] > 0.5) == hi
-            pool = ads[(has_text[ads] == ht) & (has_image[ads] == hi)]
-            if want.any() and len(pool):
-                pool_q = G.quality_space(x[pool], layout, gan.mean, gan.std)
-                parents[want] = pool[G.nearest_rows(pool_q, q_fake[want])]
     new = {g: v.astype(np.float32) for g, v in layout.split(fake).items()}
     new["label"] = np.ones(len(fake), dtype=np.int64)
     new["sensitivity"] = c[:, 1].astype(np.float32)
@@ -820,7 +832,8 @@ def augment(
     if plan.get(GAN, 0) > 0:
         t0 = time.perf_counter()
         with _one_torch_thread():
-            part, sources[GAN] = gan_samples(train, aug, plan[GAN], params.seed)
+            part, sources[GAN] = gan_samples(train, aug, plan[GAN], params.seed,
+                                                  n_margins=len(params.featurize.text.margins))
         parts.append(part)
         timings[GAN] = time.perf_counter() - t0
         shortfall = plan[GAN] - sources[GAN]["added"]

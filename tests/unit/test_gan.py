@@ -1,5 +1,5 @@
-"""The feature-space GAN: trains on toy features, emits valid blocks, and its quality checks
-tell real from noise."""
+"""The parent-conditioned feature-space GAN: trains on toy features, emits valid variants of
+real posts, and its quality checks tell real from noise."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from models import gan as G
 
 WIDTHS = {"tfidf": 4, "sent_emb": 6, "sift_bow": 5, "hsv": 4, "qr": 1}
 PARAMS = GanParams(noise_dim=8, hidden_dim=16, epochs=3, batch_size=32, lr=2e-4, moment_weight=1.0,
-                   holdout_fraction=0.2, sensitivity_boost=1.0, max_c2st_auc=0.85, knn_k=3,
+                   min_step=0.3, max_step=1.0, step_weight=10.0, basis_dim=3, holdout_fraction=0.2, sensitivity_boost=1.0, max_c2st_auc=0.85, knn_k=3,
                    max_rounds=2)
 
 
@@ -37,37 +37,68 @@ def toy(n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return arrays, cond
 
 
-def test_gan_trains_a_few_steps_and_samples_valid_blocks():
+def test_gan_trains_a_few_steps_and_samples_valid_variants_of_their_parents():
     arrays, cond = toy(200, 0)
     layout = G.Layout.of(arrays)
     assert layout.widths == WIDTHS
     x = layout.concat(arrays)
-    gan = G.train_gan(x, cond, layout, PARAMS, seed=0, progress=False)
+    # An empty text's margin column is the model's intercept, not zero (as the featurizer writes).
+    x[cond[:, 2] < 0.5, 3] = -0.7
+    gan = G.train_gan(x, cond, layout, PARAMS, seed=0, progress=False, fixed_tail={"tfidf": 1})
     assert len(gan.history) == PARAMS.epochs
     assert all(np.isfinite(list(h.values())).all() for h in gan.history)
 
-    fake = gan.sample(cond, seed=1)
+    fake = gan.sample(x, cond, seed=1)
     assert fake.shape == x.shape and np.isfinite(fake).all()
-    assert np.array_equal(fake, gan.sample(cond, seed=1))
-    parts = layout.split(fake)
+    assert np.array_equal(fake, gan.sample(x, cond, seed=1))
+    assert not np.array_equal(fake, gan.sample(x, cond, seed=2))
+    parts, parent = layout.split(fake), layout.split(x)
     text, image = cond[:, 2] > 0.5, cond[:, 3] > 0.5
     assert np.allclose(np.linalg.norm(parts["sent_emb"][text], axis=1), 1.0, atol=1e-5)
+    # An absent modality keeps the parent's block (zeros, or the intercept margin).
     for block in ("tfidf", "sent_emb"):
-        assert not parts[block][~text].any()
+        assert np.array_equal(parts[block][~text], parent[block][~text])
     for block in ("sift_bow", "hsv", "qr"):
-        assert not parts[block][~image].any()
-    sums = parts["hsv"][image].sum(axis=1)
-    assert np.allclose(sums[sums > 0], 1.0, atol=1e-5)
-    assert set(np.unique(parts["qr"])) <= {0.0, 1.0}
-    # Histograms are count-like: exact zeros happen, as in real bag-of-words rows.
-    assert (parts["sift_bow"][image] == 0).any()
+        assert np.array_equal(parts[block][~image], parent[block][~image])
+    # The fixed tail (margins) and the QR flag are the parent's; the rest moved.
+    assert np.array_equal(parts["tfidf"][:, 3], x[:, 3])
+    assert np.array_equal(parts["qr"], parent["qr"])
+    assert np.abs(parts["tfidf"][text, :3] - parent["tfidf"][text, :3]).mean() > 1e-3
+    # Histograms: sum to 1, zeros exactly where the parent has zeros, and whole counts over
+    # some total near the parent's (30 keypoints here), as a real bag of words.
+    sift, sift_parent = parts["sift_bow"][image], parent["sift_bow"][image]
+    assert np.allclose(sift.sum(axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(sift == 0, sift_parent == 0)
+    for row in sift[sift.sum(axis=1) > 0]:
+        assert any(np.allclose(row * t, np.round(row * t), atol=1e-3) for t in range(1, 91))
 
 
-def test_histogram_totals_recover_the_counts_behind_the_histograms():
-    arrays, _ = toy(100, 1)
-    totals = G.histogram_totals(G.Layout.of(arrays).concat(arrays), G.Layout.of(arrays))
-    assert np.all(totals["sift_bow"] <= 30) and np.median(totals["sift_bow"]) >= 10
-    assert np.median(totals["hsv"]) >= 100
+def test_dense_steps_stay_in_the_blocks_principal_subspace():
+    rng = np.random.default_rng(4)
+    n = 300
+    arrays, cond = toy(n, 4)
+    cond[:, 2] = 1.0
+    # tfidf rows on a 2-D plane of the 4-D block.
+    plane = rng.normal(size=(2, 4))
+    arrays["tfidf"] = (rng.normal(size=(n, 2)) @ plane).astype(np.float32)
+    layout = G.Layout.of(arrays)
+    x = layout.concat(arrays)
+    params = GanParams(**{**PARAMS.__dict__, "basis_dim": 2})
+    gan = G.train_gan(x, cond, layout, params, seed=0, progress=False)
+    move = layout.split(gan.sample(x, cond, seed=3))["tfidf"] - arrays["tfidf"]
+    # The residual of the moves after projecting on the plane is nil.
+    q, _ = np.linalg.qr(plane.T)
+    residual = move - (move @ q) @ q.T
+    assert np.abs(move).mean() > 1e-3 and np.abs(residual).max() < 1e-4
+
+
+def test_sample_refuses_parents_and_conditions_of_different_lengths():
+    arrays, cond = toy(60, 5)
+    layout = G.Layout.of(arrays)
+    x = layout.concat(arrays)
+    gan = G.train_gan(x, cond, layout, PARAMS, seed=0, progress=False)
+    with pytest.raises(G.GanError, match="parents"):
+        gan.sample(x[:10], cond[:9], seed=0)
 
 
 def test_quality_check_rejects_noise_and_accepts_real_samples():

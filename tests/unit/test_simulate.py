@@ -92,3 +92,18 @@ def test_image_shift_changes_every_image_not_the_labels(posts: dict[str, list]) 
 def test_unknown_scenario_is_named() -> None:
     with pytest.raises(ScenarioError, match="known scenarios: stable, new-ad-variant, image-shift"):
         next(generate_posts("holiday-rush", 5, seed=0, sample=SAMPLE))
+
+
+def test_traffic_leaves_out_the_texts_it_is_told_to(posts: dict[str, list], tmp_path: Path) -> None:
+    import pandas as pd
+
+    from serving.simulate import unseen_texts
+
+    seen = [p.text for p in posts["stable"] if p.text]
+    table = tmp_path / "train.parquet"
+    pd.DataFrame({"text": [*seen, None, ""]}).to_parquet(table)
+    exclude = unseen_texts(str(table))
+    assert exclude == frozenset(seen)
+    fresh = list(generate_posts("stable", 60, seed=3, sample=SAMPLE, exclude_texts=exclude))
+    assert len(fresh) == 60 and not {p.text for p in fresh if p.text} & exclude
+    assert unseen_texts("") == frozenset() == unseen_texts(str(tmp_path / "missing.parquet"))
