@@ -430,6 +430,8 @@ class ServeBenchParams:
     clean_share: float              # share of clean posts in the load mix
     image_share: float              # share of posts with an image in the load mix
     seed: int
+    rate_rps: float                 # open-loop phase: Poisson arrivals at this rate (0 = no such phase)
+    rate_requests: int              # requests sent in the open-loop phase
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,63 @@ def test_accuracy_and_comparison() -> None:
     assert cmp["met"] == {"speedup": True, "recall_loss": False, "no_added_false_kills": False,
                           "cascade_p99": True}
     assert len(cmp["notes"]) == 2
+    # With an open-loop phase, its p99 is checked as well.
+    report["cascade"]["at_rate"] = {"rate_rps": 25.0, "p99_ms": 140.0, "p50_ms": 20.0, "errors": 0}
+    with_rate = compare(report, posts, {"cascade": blocked_c, "deep_only": blocked_d})
+    assert with_rate["met"]["cascade_p99_at_rate"] is False
+    assert any("25 requests/s" in n for n in with_rate["notes"])
     report["comparison"] = cmp
     table = render_table(report)
     assert "throughput_rps" in table and "recall_loss=NO" in table
+
+
+def test_arrival_times_are_a_seeded_poisson_process() -> None:
+    from serving.bench import BenchError, arrival_times
+
+    t = arrival_times(4000, rate=25.0, seed=3)
+    assert t[0] == 0.0 and np.all(np.diff(t) >= 0)
+    assert len(t) / t[-1] == pytest.approx(25.0, rel=0.06)
+    gaps = np.diff(t)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.06)  # exponential: CV 1
+    assert np.array_equal(t, arrival_times(4000, 25.0, 3))
+    with pytest.raises(BenchError, match="rate"):
+        arrival_times(10, 0.0, 0)
+
+
+def test_open_loop_driver_keeps_its_schedule_against_a_real_server() -> None:
+    """Against a loopback HTTP server that answers after 50 ms, the open loop sends on schedule
+    (it does not wait for answers) and charges every request its latency from the schedule."""
+    import asyncio
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serving.bench import _drive_open
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(0.05)
+            body = json.dumps({"stage": "gate"}).encode()
+            code = 400 if self.path != "/v1/moderate" else 200
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        out = asyncio.run(_drive_open(url, [{"text": "x"}] * 60, rate=40.0, seed=0, max_seconds=30))
+    finally:
+        server.shutdown()
+    assert out["requests"] == out["ok"] == 60 and out["errors"] == 0
+    # 60 requests at 40/s take about 1.5 s, not the 3 s a one-at-a-time loop would need.
+    assert out["elapsed_s"] < 2.8
+    assert 50.0 <= out["p50_ms"] < 500.0 and out["stage_share"]["gate"] == 1.0
