@@ -430,8 +430,8 @@ class ServeBenchParams:
     clean_share: float              # share of clean posts in the load mix
     image_share: float              # share of posts with an image in the load mix
     seed: int
-    rate_rps: float                 # open-loop phase: Poisson arrivals at this rate (0 = no such phase)
-    rate_requests: int              # requests sent in the open-loop phase
+    rates_rps: list[float]          # open-loop phases: Poisson arrivals at each of these rates
+    rate_seconds: float             # ... for this long each
 
 
 @dataclass(frozen=True)
@@ -542,6 +542,8 @@ class DriftParams:
     reference: str                  # reference folder; built from reference_splits when absent
     reference_splits: list[str]     # featurize outputs (npz) the fallback reference is drawn from
     reference_posts: int            # posts in the reference (all of them explained, once per model)
+    population: Literal["deep", "all"]  # whose importance: the posts the deep model decides, or all traffic
+    reference_texts: list[str]      # tables (id, text) of the reference posts, to route them through the gate
     window_hours: float             # the window: posts of the last N hours (0 = no time limit) ...
     window_posts: int               # ... and at most this many, the most recent
     min_posts: int                  # a window with fewer posts with features is reported, no trigger

@@ -9,8 +9,8 @@ for the same cores as torch's own intra-op threads.
 
 Two kinds of job:
 - `predict` jobs (a request waits on them) are featurized and scored by the model;
-- background jobs (drift samples of gate-decided posts) are only featurized, only when no
-  request is waiting, and dropped (with a metric) when their queue is full.
+- background jobs (drift samples of gate-decided posts) are only featurized, one at a time
+  and only when no request is waiting, and dropped (with a metric) when their queue is full.
 
 Each job carries the bundle it was started on, so posts of a request that began before a hot
 reload are scored by the old model; a batch never mixes bundles.
@@ -194,9 +194,10 @@ class MicroBatcher:
                 self._execute(batch, background=False)
                 continue
             if self._background and self._queue.empty():
+                # One post at a time: a request that arrives meanwhile waits for one post's
+                # featurization at most, not for a whole batch of drift samples.
                 with self._lock:
-                    take = [self._background.popleft()
-                            for _ in range(min(self.max_size, len(self._background)))]
+                    take = [self._background.popleft()]
                 self._execute(take, background=True)
             elif stopping and self._queue.empty() and not self._background:
                 return

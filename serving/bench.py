@@ -7,12 +7,13 @@ process on 127.0.0.1, waits until it is ready, and then:
    `concurrency` at a time, stopping early after `max_seconds`; the posts are drawn (seeded,
    with replacement) from the test split so that `clean_share` of them are clean and
    `image_share` carry an image. Latency is measured here, on the client side, end to end.
-2. latency at a rate (`rate_rps` > 0): `rate_requests` more posts of the same mix sent open
-   loop, at Poisson arrival times of `rate_rps` per second whatever the answers' pace, each
-   request's latency counted from its scheduled time (so a server that falls behind is
-   charged for the wait). The closed loop of step 1 keeps `concurrency` requests in flight and
-   so saturates the server: its p99 is the queue's. This one is the latency at a stated load,
-   which is what an SLO is set on.
+2. latency against load (`rates_rps`, may be empty): for each rate, `rate_seconds` worth of
+   posts of the same mix sent open loop, at Poisson arrival times of that rate whatever the
+   answers' pace, each request's latency counted from its scheduled time (so a server that
+   falls behind is charged for the wait). The closed loop of step 1 keeps `concurrency`
+   requests in flight and so saturates the server: its p99 is the queue's. These are the
+   latencies at stated loads, which is what an SLO is set on; `slo_rps` is the highest rate
+   tried whose p99 stays under the 100 ms target.
 3. accuracy: sends every test-split post once (in batches) and computes recall and the false
    kill rate of the server's decisions at the bundle's deployed threshold.
 4. stops the server with SIGTERM and checks that its store holds one row per answered post.
@@ -244,6 +245,14 @@ def arrival_times(n: int, rate: float, seed: int) -> np.ndarray:
     return np.cumsum(gaps) - gaps[0]
 
 
+def slo_rate(at_rates: Sequence[dict[str, Any]], max_p99_ms: float) -> float | None:
+    """The highest rate tried whose p99 is under `max_p99_ms` with no error, None when none is
+    (rates above a failing one count too: the tries are independent runs)."""
+    good = [r["rate_rps"] for r in at_rates
+            if r["p99_ms"] is not None and r["p99_ms"] < max_p99_ms and not r["errors"]]
+    return max(good) if good else None
+
+
 async def _drive_open(url: str, bodies: Sequence[dict[str, Any]], rate: float, seed: int,
                       max_seconds: float) -> dict[str, Any]:
     """Open loop: each body sent at its Poisson arrival time (`arrival_times`), none waiting for
@@ -377,11 +386,15 @@ def bench(
     cfg = params.serve.bench
     n = requests if requests is not None else cfg.requests
     posts = load_posts(posts_path, image_root)
-    n_rate = cfg.rate_requests if cfg.rate_rps > 0 else 0
-    bodies, mix = build_mix(posts, cfg.warmup_requests + n + n_rate, cfg.clean_share,
+    rate_counts = [max(1, round(r * cfg.rate_seconds)) for r in cfg.rates_rps]
+    bodies, mix = build_mix(posts, cfg.warmup_requests + n + sum(rate_counts), cfg.clean_share,
                             cfg.image_share, cfg.seed)
     warmup, load = bodies[: cfg.warmup_requests], bodies[cfg.warmup_requests:cfg.warmup_requests + n]
-    at_rate = bodies[cfg.warmup_requests + n:]
+    rest = bodies[cfg.warmup_requests + n:]
+    at_rates = []
+    for rate, count in zip(cfg.rates_rps, rate_counts, strict=True):
+        at_rates.append((rate, rest[:count]))
+        rest = rest[count:]
     batch = max(1, min(params.serve.max_posts_per_request, 32))
     report: dict[str, Any] = {
         "bundle": {"source": bundle},
@@ -390,7 +403,7 @@ def bench(
         "load": {"requests": n, "concurrency": cfg.concurrency, "max_seconds": cfg.max_seconds,
                  "warmup_requests": cfg.warmup_requests, "clean_share": cfg.clean_share,
                  "image_share": cfg.image_share, "seed": cfg.seed, "mix": mix,
-                 "rate_rps": cfg.rate_rps, "rate_requests": n_rate,
+                 "rates_rps": list(cfg.rates_rps), "rate_seconds": cfg.rate_seconds,
                  "client": "httpx.AsyncClient in the benchmark process; the server is its own process",
                  "one_post_per_request": True},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
@@ -418,15 +431,17 @@ def bench(
                          cfg.concurrency, cfg.max_seconds)
                 result = asyncio.run(_drive(server.url, load, cfg.concurrency, cfg.max_seconds))
                 result["server"] = _server_figures(server.url)
-                if at_rate:
-                    log.info("%s: %d requests open loop at %.1f/s", mode, len(at_rate), cfg.rate_rps)
-                    result["at_rate"] = asyncio.run(_drive_open(server.url, at_rate, cfg.rate_rps,
-                                                                cfg.seed, cfg.max_seconds))
+                result["at_rates"] = []
+                for rate, rate_bodies in at_rates:
+                    log.info("%s: %d requests open loop at %.1f/s", mode, len(rate_bodies), rate)
+                    result["at_rates"].append(asyncio.run(_drive_open(
+                        server.url, rate_bodies, rate, cfg.seed, cfg.max_seconds)))
+                result["slo_rps"] = slo_rate(result["at_rates"], TARGETS["max_p99_ms"])
                 log.info("%s: scoring the %d test posts", mode, len(posts))
                 accuracy, blocked[mode] = _accuracy(posts, _decide_split(server.url, posts, batch))
                 result.update(accuracy)
                 answered = (warm["ok"] + result["ok"] + len(posts)
-                            + (result["at_rate"]["ok"] if "at_rate" in result else 0))
+                            + sum(r["ok"] for r in result["at_rates"]))
             finally:
                 code = server.stop()
             result["server_exit"] = code
@@ -455,9 +470,8 @@ def compare(report: dict[str, Any], posts: pd.DataFrame, blocked: dict[str, np.n
         "no_added_false_kills": added <= TARGETS["max_added_false_kills"],
         "cascade_p99": c["p99_ms"] is not None and c["p99_ms"] < TARGETS["max_p99_ms"],
     }
-    rate = c.get("at_rate")
-    if rate is not None:
-        met["cascade_p99_at_rate"] = rate["p99_ms"] is not None and rate["p99_ms"] < TARGETS["max_p99_ms"]
+    if c.get("at_rates"):
+        met["cascade_p99_at_a_rate"] = c.get("slo_rps") is not None
     notes = []
     if not met["speedup"]:
         notes.append(f"cascade throughput is {speedup:.2f}x deep-only, below the {TARGETS['min_speedup']:g}x "
@@ -471,9 +485,10 @@ def compare(report: dict[str, Any], posts: pd.DataFrame, blocked: dict[str, np.n
         notes.append(f"cascade p99 is {c['p99_ms']} ms, over the {TARGETS['max_p99_ms']:g} ms target "
                      f"at this load on {report['machine']['cpu_count']} cores (load average "
                      f"{report['machine']['load_average_before']})")
-    if rate is not None and not met["cascade_p99_at_rate"]:
-        notes.append(f"cascade p99 at {rate['rate_rps']:g} requests/s (open loop) is {rate['p99_ms']} "
-                     f"ms, over the {TARGETS['max_p99_ms']:g} ms target")
+    if c.get("at_rates") and not met["cascade_p99_at_a_rate"]:
+        tried = ", ".join(f"{r['p99_ms']} ms at {r['rate_rps']:g}/s" for r in c["at_rates"])
+        notes.append(f"open loop, cascade p99 is over the {TARGETS['max_p99_ms']:g} ms target at "
+                     f"every rate tried ({tried})")
     return {"speedup": round(speedup, 3) if speedup else None,
             "recall_loss_points": round(loss, 4) if loss is not None else None,
             "added_false_kills": added, "targets": TARGETS, "met": met, "notes": notes}
@@ -491,11 +506,14 @@ def render_table(report: dict[str, Any]) -> str:
         rows.append((key, fmt(report["cascade"].get(key)), fmt(report["deep_only"].get(key))))
     share = report["cascade"]["stage_share"]
     rows.append(("gate share (load)", f"{share['gate']:.2f}", "0.00"))
-    if "at_rate" in report["cascade"]:
-        rate = report["cascade"]["at_rate"]["rate_rps"]
-        for key in ("p50_ms", "p99_ms", "errors"):
-            rows.append((f"{key} at {rate:g}/s", fmt(report["cascade"]["at_rate"].get(key)),
-                         fmt(report["deep_only"].get("at_rate", {}).get(key))))
+    for k, rate in enumerate(report["cascade"].get("at_rates", [])):
+        deep = report["deep_only"].get("at_rates", [])
+        other = deep[k] if k < len(deep) else {}
+        for key in ("p50_ms", "p99_ms"):
+            rows.append((f"{key} at {rate['rate_rps']:g}/s", fmt(rate.get(key)), fmt(other.get(key))))
+    if "slo_rps" in report["cascade"]:
+        rows.append(("highest rate p99<100ms", str(report["cascade"]["slo_rps"]),
+                     str(report["deep_only"].get("slo_rps"))))
     for key in ("gate_ms_per_post", "deep_ms_per_post", "deep_batch_size"):
         rows.append((f"server {key}", str(report["cascade"]["server"].get(key)),
                      str(report["deep_only"]["server"].get(key))))

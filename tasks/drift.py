@@ -16,10 +16,19 @@ reaches at the window's effective size (the 95th percentile of the reference's o
 `noise.null_p95`): the window is then too noisy to tell. The bootstrap noise of the shift is
 reported next to it.
 
-Which posts count: the store keeps the features of every post the deep model scored and of a
-share `serve.store.gate_feature_fraction` of the posts the gate decided alone. Each gate post
-with features stands for 1 / that share of them, so the posts to explain are drawn with that
-weight and the sample stands for all traffic, like the reference does.
+Which posts count (`drift.population`): with `all` (the default) all traffic: the store keeps
+the features of every post the deep model scored and of a share
+`serve.store.gate_feature_fraction` of the posts the gate decided alone; each gate post with
+features stands for 1 / that share of them, so the posts to explain are drawn with that
+weight and the sample stands for all traffic, like the reference does. With `deep`, the posts
+the deep model decides, on both sides: in the window those the gate deferred, in the
+reference those the bundle's gate would defer, routed by their texts
+(`drift.reference_texts`, see `reference_population`). Gate-decided posts are confident clean
+texts the deep model never scores, and the few of them with features carry large weights:
+leaving them out removes most of the sampling noise, but also the contrast between them and
+the ads, which is where a new ad tactic that the model misses shows (README, Monitoring). A
+reference whose texts cannot be found is compared as `all`. Evidently's data-drift report
+always covers all traffic.
 
 Next to the decision it writes, to `out_dir` (`reports/drift/`): an Evidently data-drift report
 on summaries of the handcrafted features and the score (`evidently.html`, `evidently.json`),
@@ -301,6 +310,61 @@ def window_weights(df: pd.DataFrame, gate_feature_fraction: float) -> np.ndarray
     return np.where(sampled, weight, 1.0)
 
 
+def _reference_texts(tables: list[str], ids: np.ndarray | None) -> tuple[list[str] | None, str]:
+    """The text of every reference post (by id) from the `drift.reference_texts` tables, or
+    None and why not."""
+    if ids is None:
+        return None, "the reference holds no post ids"
+    found: dict[str, str] = {}
+    missing_tables = []
+    for table in tables:
+        if not Path(table).is_file():
+            missing_tables.append(table)
+            continue
+        frame = pd.read_parquet(table, columns=["id", "text"])
+        found.update(zip(frame["id"].astype(str), frame["text"].fillna("").astype(str), strict=True))
+    keys = [str(i) for i in ids]
+    absent = [k for k in keys if k not in found]
+    if absent:
+        where = f"tables {tables}" + (f" ({missing_tables} missing)" if missing_tables else "")
+        return None, f"{len(absent)} of {len(keys)} reference posts have no text in {where}"
+    return [found[k] for k in keys], ""
+
+
+def reference_population(params: Params, bundle: Any, reference: Any) -> tuple[np.ndarray, str, str]:
+    """Which reference posts belong to the compared population (`drift.population`), the
+    population used (`deep` or `all`) and what it is, in words.
+
+    `deep`: the posts the bundle's cascade would send to the deep model (`serving.cascade.route`
+    on the gate's score of each post's text, read from `drift.reference_texts`): the posts
+    whose decisions the model's feature importance is about. Gate-decided posts are confident
+    clean texts the deep model never scores; their importance only dilutes a change in the
+    posts it does score and, kept for a small share of traffic (`gate_feature_fraction`),
+    adds most of the sampling noise. Without the texts, all reference posts count (said in the
+    log and in the result)."""
+    n = reference.n
+    if params.drift.population == "all":
+        return np.ones(n, dtype=bool), "all", "all posts"
+    texts, why = _reference_texts(params.drift.reference_texts, reference.arrays.get("id"))
+    if texts is None:
+        log.warning("drift.population is deep but %s: comparing all traffic with all reference "
+                    "posts", why)
+        return np.ones(n, dtype=bool), "all", f"all posts ({why})"
+    from adfilter.features import normalize_text
+    from serving.cascade import DEEP, route
+
+    norm = [normalize_text(t) if t else "" for t in texts]
+    has_text = np.array([bool(t) for t in norm], dtype=bool)
+    has_image = np.asarray(reference.arrays["has_image"], dtype=bool)
+    p_gate = np.full(n, 0.5)  # the server's stand-in for a post without text
+    scored = [i for i in range(n) if has_text[i]]
+    if scored:
+        p_gate[scored] = bundle.gate.p_ad([norm[i] for i in scored])
+    routes = route(p_gate, has_text, has_image, bundle.gate.low, bundle.gate.high)
+    mask = np.array([r == DEEP for r in routes], dtype=bool)
+    return mask, "deep", "posts the deep model decides"
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -384,9 +448,11 @@ def drift(
         "store": _redact(store_url),
         "computed_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    if len(feat) < cfg.min_posts:
+    n_population = int((feat["features_kind"] == "model").sum()) if cfg.population == "deep" else len(feat)
+    if n_population < cfg.min_posts:
+        which = "scored by the deep model" if cfg.population == "deep" else "with features"
         result["reason"] = (
-            f"too few posts with features in the window: {len(feat)} of {len(df)} posts "
+            f"too few posts {which} in the window: {n_population} of {len(df)} posts "
             f"(drift.min_posts = {cfg.min_posts}); no shift measured, nothing triggered"
         )
         return _finish(params, result, out_dir, report_path, log_mlflow, started, timings, [])
@@ -421,9 +487,18 @@ def drift(
                            "origin": reference.meta.get("origin"), "cached_key": key}
     timings["explain_reference"] = time.perf_counter() - t0
 
+    ref_mask, used, population = reference_population(params, model_bundle, reference)
+    if used == "deep":
+        in_window = (feat["features_kind"] == "model").to_numpy()
+    else:  # all traffic, or a reference without texts to route (then compared as all traffic)
+        in_window = np.ones(len(feat), dtype=bool)
+    result["population"] = {"name": used, "what": population, "window_posts": int(in_window.sum()),
+                            "reference_posts": int(ref_mask.sum())}
+
     t0 = time.perf_counter()
     weights = window_weights(feat, params.serve.store.gate_feature_fraction)
-    drawn, drawn_weights, drawn_strata = stratified_sample(weights, cfg.explain_posts, params.seed)
+    drawn, drawn_weights, drawn_strata = stratified_sample(
+        np.where(in_window, weights, 0.0), cfg.explain_posts, params.seed)
     sample = _with_background({k: v[drawn] for k, v in arrays.items()}, reference.background)
     explainer.seed = params.seed + 1  # the window's baseline draws are independent of the reference's
     win_exp = explainer.explain(sample, progress=progress)
@@ -432,14 +507,15 @@ def drift(
     log.info("explained %d window posts with %d model rows", len(drawn), win_exp.evaluations)
 
     cells = cell_names(groups, cfg.measure)
+    ref_values = cached["values"][ref_mask]
     win_cells = attribution_cells(win_values, cfg.measure)
-    ref_cells = attribution_cells(cached["values"], cfg.measure)
+    ref_cells = attribution_cells(ref_values, cfg.measure)
     estimate = bootstrap_shift(win_cells, ref_cells, cfg.bootstrap, params.seed,
                                drawn_weights, drawn_strata)
     p = importance_distribution(win_cells, drawn_weights)
     q = importance_distribution(ref_cells)
     p_abs = importance_distribution(np.abs(win_values), drawn_weights)
-    q_abs = importance_distribution(np.abs(cached["values"]))
+    q_abs = importance_distribution(np.abs(ref_values))
     change = {c: float(p[i] - q[i]) for i, c in enumerate(cells)}
     moved = sorted(change.items(), key=lambda kv: -abs(kv[1]))[:3]
     retrain, within_noise, verdict = decide(estimate.shift, estimate.null_p95, cfg.threshold)
@@ -452,8 +528,8 @@ def drift(
             f"SHAP feature-importance shift {estimate.shift:.3f} (total variation distance, "
             f"{cfg.measure} importance over {len(cells)} cells; bootstrap 90% interval "
             f"{estimate.low:.3f}-{estimate.high:.3f}, sampling alone gives up to "
-            f"{estimate.null_p95:.3f}) {verdict}, over {len(feat)} posts with features "
-            f"({len(df)} in the window); "
+            f"{estimate.null_p95:.3f}) {verdict}, over {population}: {int(in_window.sum())} "
+            f"of the window's {len(df)} posts, {int(ref_mask.sum())} of the reference's; "
             f"largest moves: {moved_text}"
         ),
         noise=estimate.as_dict(),

@@ -101,6 +101,9 @@ def world_params(tmp: Path) -> Params:
             base.serve.store, gate_feature_fraction=0.5)),
         drift=dataclasses.replace(base.drift, reference=str(tmp / "reference"),
                                   reference_splits=[str(tmp / "held_out.npz")],
+                                  reference_texts=[str(tmp / "held_out.parquet")],
+                                  simulate=dataclasses.replace(base.drift.simulate,
+                                                               unseen_texts_from=""),
                                   reference_posts=N_REFERENCE, explain_posts=EXPLAIN,
                                   background_draws=DRAWS, bootstrap=100, min_posts=40),
     )
@@ -164,8 +167,10 @@ def build_world(tmp: Path) -> dict[str, Any]:
     torch.jit.save(traced, str(bundle / "model.pt"), _extra_files={"config.json": json.dumps(config)})
     (bundle / "export.json").write_text("{}")
 
-    np.savez(tmp / "held_out.npz", **_featurize(pipeline, list(
-        generate_posts("stable", N_REFERENCE, seed=101, sample=sample))))
+    held_out = list(generate_posts("stable", N_REFERENCE, seed=101, sample=sample))
+    np.savez(tmp / "held_out.npz", **_featurize(pipeline, held_out))
+    pd.DataFrame({"id": [p.id for p in held_out], "text": [p.text for p in held_out]}).to_parquet(
+        tmp / "held_out.parquet")
     # The same params as a file, for the CLI.
     data = to_dict(params)
     data["profile"] = "default"
@@ -230,3 +235,31 @@ def test_image_shift_triggers_through_the_cli(world: dict[str, Any],
     assert result["noise"]["low"] > result["noise"]["null_p95"]  # not a noise trigger
     assert "above the threshold" in result["reason"]
     assert result["window"]["start"] and result["window"]["end"]
+
+
+def test_deep_population_compares_the_posts_the_deep_model_decides(world: dict[str, Any]) -> None:
+    from serving.store import read_predictions
+    from tasks.drift import drift
+
+    url, _ = _simulate(world, "stable", seed=3)
+    base = world["params"]
+    deep = dataclasses.replace(base, drift=dataclasses.replace(base.drift, population="deep"))
+    result = drift(deep, url, out_dir=world["tmp"] / "reports-deep" / "drift", progress=False,
+                   log_mlflow=False)
+    stored = read_predictions(url)
+    pop = result["population"]
+    assert pop["name"] == "deep" and pop["what"] == "posts the deep model decides"
+    assert pop["window_posts"] == int((stored["features_kind"] == "model").sum())
+    # Image posts and unsure texts are in, the gate's confident texts are not.
+    held = np.load(world["tmp"] / "held_out.npz")
+    assert int(held["has_image"].sum()) <= pop["reference_posts"] < N_REFERENCE
+    assert result["shift"] is not None and "posts the deep model decides" in result["reason"]
+
+    # Without the reference's texts it says so and compares all traffic.
+    blind = dataclasses.replace(base, drift=dataclasses.replace(
+        base.drift, population="deep", reference_texts=[str(world["tmp"] / "nowhere.parquet")]))
+    fallback = drift(blind, url, out_dir=world["tmp"] / "reports-blind" / "drift", progress=False,
+                     log_mlflow=False)
+    assert fallback["population"]["name"] == "all"
+    assert "no text" in fallback["population"]["what"]
+    assert fallback["population"]["reference_posts"] == N_REFERENCE

@@ -64,11 +64,20 @@ def test_accuracy_and_comparison() -> None:
     assert cmp["met"] == {"speedup": True, "recall_loss": False, "no_added_false_kills": False,
                           "cascade_p99": True}
     assert len(cmp["notes"]) == 2
-    # With an open-loop phase, its p99 is checked as well.
-    report["cascade"]["at_rate"] = {"rate_rps": 25.0, "p99_ms": 140.0, "p50_ms": 20.0, "errors": 0}
+    # With open-loop phases, the highest rate under the p99 target is reported and checked.
+    from serving.bench import slo_rate
+
+    tries = [{"rate_rps": 10.0, "p99_ms": 60.0, "p50_ms": 9.0, "errors": 0},
+             {"rate_rps": 20.0, "p99_ms": 95.0, "p50_ms": 12.0, "errors": 1},
+             {"rate_rps": 30.0, "p99_ms": 140.0, "p50_ms": 20.0, "errors": 0}]
+    assert slo_rate(tries, 100.0) == 10.0 and slo_rate(tries[2:], 100.0) is None
+    report["cascade"]["at_rates"], report["cascade"]["slo_rps"] = tries[2:], None
     with_rate = compare(report, posts, {"cascade": blocked_c, "deep_only": blocked_d})
-    assert with_rate["met"]["cascade_p99_at_rate"] is False
-    assert any("25 requests/s" in n for n in with_rate["notes"])
+    assert with_rate["met"]["cascade_p99_at_a_rate"] is False
+    assert any("140.0 ms at 30/s" in n for n in with_rate["notes"])
+    report["cascade"]["at_rates"], report["cascade"]["slo_rps"] = tries, 10.0
+    assert compare(report, posts, {"cascade": blocked_c, "deep_only": blocked_d})["met"]["cascade_p99_at_a_rate"]
+    assert "highest rate p99<100ms" in render_table({**report, "comparison": cmp})
     report["comparison"] = cmp
     table = render_table(report)
     assert "throughput_rps" in table and "recall_loss=NO" in table

@@ -311,6 +311,9 @@ def test_background_jobs_run_only_when_no_request_waits_and_are_bounded() -> Non
     assert len(got) == sum(accepted)  # every accepted background job was featurized
     assert all(isinstance(r, DeepResult) for r in got)
     assert any(not predict for _, predict, _ in batches) and any(p for _, p, _ in batches)
+    # Drift samples are featurized one post at a time, so a request never waits behind a
+    # whole batch of them.
+    assert all(size == 1 for size, predict, _ in batches if not predict)
 
 
 # --------------------------------------------------------------------------- store
