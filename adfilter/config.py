@@ -550,6 +550,7 @@ class DriftParams:
     explain_posts: int              # window posts explained with SHAP (drawn by inverse sampling weight)
     explain_output: Literal["score", "ad_logit"]
     measure: Literal["signed", "abs"]  # cells: group x direction (toward ad / clean), or group
+    by_kind: bool                   # distance within each post kind, averaged by traffic share
     background: Literal["reference", "mean"]  # "absent" = a random reference post of the same kind, or the mean row
     background_draws: int           # reference posts drawn as "absent" per explained post (averaged)
     max_exact_groups: int           # posts with more groups get sampled (antithetic permutation) values

@@ -5,8 +5,9 @@ prediction store (the posts of the last `drift.window_hours`, at most `drift.win
 them), explains a sample of them (`drift.explain_posts`) and the reference set with exact
 group-level SHAP values of the served model (`adfilter.monitoring.groups`: seven named feature
 groups, "absent" = taken from a reference post of the same kind), and compares the two
-importance distributions with the total variation distance (`adfilter.monitoring.shift`). The
-distribution is, per group, the share of the SHAP mass pushing posts toward "ad" and the share
+importance distributions with the total variation distance (`adfilter.monitoring.shift`),
+within each kind of post (text only, image only, text and image; `drift.by_kind`) and averaged
+with the kinds' shares of the window. The distribution is, per group, the share of the SHAP mass pushing posts toward "ad" and the share
 pushing them toward "clean" (`drift.measure: signed`; `abs` is the plain normalised mean |SHAP|
 per group, always reported as `shift_abs`). Above `drift.threshold` (0.15) the result says
 `retrain: true`, with the reason, the shift and the window, which is what the `ad_filter_drift`
@@ -32,7 +33,8 @@ always covers all traffic.
 
 Next to the decision it writes, to `out_dir` (`reports/drift/`): an Evidently data-drift report
 on summaries of the handcrafted features and the score (`evidently.html`, `evidently.json`),
-the SHAP summary plot (`shap_summary.png`) and the importance bars (`importance.png`); the
+the SHAP summary plot (`shap_summary.png`), the importance bars (`importance.png`) and the
+explained window posts' SHAP values with their weights (`window_shap.npz`); the
 result goes to `reports/drift.json` (`report_path`) and, with everything else, to MLflow
 (experiment `drift.mlflow_experiment`).
 
@@ -64,6 +66,7 @@ FEATURE_KINDS: Final = ("model", "sampled")
 REFERENCE_DIR: Final = "reference"          # a reference stored inside a model bundle
 SHAP_PLOT: Final = "shap_summary.png"
 IMPORTANCE_PLOT: Final = "importance.png"
+WINDOW_SHAP: Final = "window_shap.npz"    # the explained window posts' SHAP values and weights
 
 
 class DriftError(RuntimeError):
@@ -410,8 +413,10 @@ def drift(
     from adfilter.monitoring.shift import (
         attribution_cells,
         bootstrap_shift,
+        bootstrap_shift_by_kind,
         cell_names,
         importance_distribution,
+        post_kinds,
         representative_sample,
         stratified_sample,
         total_variation,
@@ -510,8 +515,16 @@ def drift(
     ref_values = cached["values"][ref_mask]
     win_cells = attribution_cells(win_values, cfg.measure)
     ref_cells = attribution_cells(ref_values, cfg.measure)
-    estimate = bootstrap_shift(win_cells, ref_cells, cfg.bootstrap, params.seed,
-                               drawn_weights, drawn_strata)
+    kinds_detail = None
+    if cfg.by_kind:
+        estimate, kinds_detail = bootstrap_shift_by_kind(
+            win_cells, ref_cells,
+            post_kinds(sample["has_text"], sample["has_image"]),
+            post_kinds(reference.arrays["has_text"], reference.arrays["has_image"])[ref_mask],
+            cfg.bootstrap, params.seed, drawn_weights, drawn_strata)
+    else:
+        estimate = bootstrap_shift(win_cells, ref_cells, cfg.bootstrap, params.seed,
+                                   drawn_weights, drawn_strata)
     p = importance_distribution(win_cells, drawn_weights)
     q = importance_distribution(ref_cells)
     p_abs = importance_distribution(np.abs(win_values), drawn_weights)
@@ -526,7 +539,9 @@ def drift(
         within_noise=bool(within_noise),
         reason=(
             f"SHAP feature-importance shift {estimate.shift:.3f} (total variation distance, "
-            f"{cfg.measure} importance over {len(cells)} cells; bootstrap 90% interval "
+            f"{cfg.measure} importance over {len(cells)} cells"
+            f"{', within each kind of post, weighted by its share' if cfg.by_kind else ''}; "
+            f"bootstrap 90% interval "
             f"{estimate.low:.3f}-{estimate.high:.3f}, sampling alone gives up to "
             f"{estimate.null_p95:.3f}) {verdict}, over {population}: {int(in_window.sum())} "
             f"of the window's {len(df)} posts, {int(ref_mask.sum())} of the reference's; "
@@ -535,6 +550,8 @@ def drift(
         noise=estimate.as_dict(),
         n_explained=int(len(drawn)),
         measure=cfg.measure,
+        by_kind=bool(cfg.by_kind),
+        **({"kinds": kinds_detail} if kinds_detail is not None else {}),
         background=cfg.background,
         cells={
             "names": cells,
@@ -575,6 +592,13 @@ def drift(
         log.exception("the Evidently report failed")
         result["evidently"] = {"error": f"{type(exc).__name__}: {exc}"}
     timings["evidently"] = time.perf_counter() - t0
+
+    # The window's explained posts, for whoever wants to look closer than the distribution.
+    np.savez_compressed(
+        out_dir / WINDOW_SHAP, values=win_values, weights=drawn_weights, groups=np.asarray(groups),
+        post_id=feat["post_id"].to_numpy()[drawn].astype(str),
+        has_text=np.asarray(sample["has_text"], dtype=bool),
+        has_image=np.asarray(sample["has_image"], dtype=bool))
 
     t0 = time.perf_counter()
     plots = [
@@ -661,6 +685,7 @@ def _log_mlflow(params: Params, result: Mapping[str, Any], out_dir: Path) -> dic
                                "explain_posts": params.drift.explain_posts,
                                "explain_output": params.drift.explain_output,
                                "measure": params.drift.measure,
+                               "by_kind": params.drift.by_kind,
                                "background": params.drift.background,
                                "background_draws": params.drift.background_draws,
                                "permutations": params.drift.permutations,

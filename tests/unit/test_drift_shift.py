@@ -8,6 +8,8 @@ import pytest
 
 from adfilter.monitoring.shift import (
     bootstrap_shift,
+    bootstrap_shift_by_kind,
+    post_kinds,
     importance_distribution,
     representative_sample,
     stratified_sample,
@@ -135,3 +137,55 @@ def test_signed_measure_sees_attribution_change_direction() -> None:
     signed = bootstrap_shift(attribution_cells(win, "signed"), attribution_cells(ref, "signed"), 50)
     assert signed.shift >= abs_shift  # a refinement never sees less
     assert abs_shift < 0.15 < signed.shift
+
+
+def _kinds_world(n_text: int, n_image: int, seed: int, image_scale: np.ndarray | None = None):
+    """SHAP values of text-only posts (importance on groups 0-1) and image-only posts (groups
+    2-3), with their kinds."""
+    text = _shap(n_text, np.array([1.0, 0.5, 0.0, 0.0]), seed)
+    image = _shap(n_image, image_scale if image_scale is not None else np.array([0.0, 0.0, 0.8, 0.4]),
+                  seed + 1)
+    kinds = post_kinds(np.r_[np.ones(n_text), np.zeros(n_image)], np.r_[np.zeros(n_text), np.ones(n_image)])
+    return np.concatenate([text, image]), kinds
+
+
+def test_post_kinds_names_the_three_kinds() -> None:
+    assert post_kinds(np.array([1, 0, 1]), np.array([0, 1, 1])).tolist() == [1, 2, 3]
+
+
+def test_by_kind_ignores_a_change_of_traffic_mix_that_moves_the_pooled_distance() -> None:
+    ref, ref_kinds = _kinds_world(600, 600, seed=0)
+    # Same per-kind behaviour, but three times as many text posts as image posts.
+    win, win_kinds = _kinds_world(450, 150, seed=10)
+    pooled = bootstrap_shift(win, ref, resamples=100, seed=0)
+    by_kind, detail = bootstrap_shift_by_kind(win, ref, win_kinds, ref_kinds, resamples=100, seed=0)
+    assert pooled.shift > 0.15 > 0.06 > by_kind.shift
+    assert by_kind.shift <= by_kind.null_p95 * 1.5
+    assert detail["text_only"]["share"] == pytest.approx(0.75)
+    assert detail["image_only"]["reference_posts"] == 600
+
+
+def test_by_kind_weighs_a_change_in_one_kind_by_its_share() -> None:
+    ref, ref_kinds = _kinds_world(800, 800, seed=1)
+    # Image posts now lean on group 3 instead of group 2: a large change within that kind.
+    win, win_kinds = _kinds_world(300, 300, seed=20, image_scale=np.array([0.0, 0.0, 0.2, 1.0]))
+    est, detail = bootstrap_shift_by_kind(win, ref, win_kinds, ref_kinds, resamples=100, seed=0)
+    image_tv = detail["image_only"]["shift"]
+    assert image_tv > 0.3 and detail["text_only"]["shift"] < 0.1
+    assert est.shift == pytest.approx(0.5 * image_tv + 0.5 * detail["text_only"]["shift"], abs=1e-6)
+    assert est.low <= est.shift <= est.high and est.null_p95 < est.shift
+    # Weights scale a kind's share: the same posts, image posts weighing three times as much.
+    weights = np.where(win_kinds == 2, 3.0, 1.0)
+    heavy, _ = bootstrap_shift_by_kind(win, ref, win_kinds, ref_kinds, resamples=0,
+                                       window_weights=weights)
+    assert heavy.shift == pytest.approx(0.75 * image_tv + 0.25 * detail["text_only"]["shift"], abs=1e-6)
+
+
+def test_by_kind_leaves_out_kinds_the_reference_lacks_and_refuses_no_overlap() -> None:
+    ref, ref_kinds = _kinds_world(300, 0, seed=2)
+    win, win_kinds = _kinds_world(100, 100, seed=3)
+    est, detail = bootstrap_shift_by_kind(win, ref, win_kinds, ref_kinds, resamples=20)
+    assert detail["image_only"] == {"window_posts": 100, "reference_posts": 0}
+    assert est.window_posts == 100
+    with pytest.raises(ValueError, match="no kind of post in common"):
+        bootstrap_shift_by_kind(win[100:], ref, win_kinds[100:], ref_kinds, resamples=0)
