@@ -9,8 +9,8 @@ import pytest
 from adfilter.monitoring.shift import (
     bootstrap_shift,
     bootstrap_shift_by_kind,
-    post_kinds,
     importance_distribution,
+    post_kinds,
     representative_sample,
     stratified_sample,
     total_variation,
