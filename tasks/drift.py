@@ -339,12 +339,12 @@ def reference_population(params: Params, bundle: Any, reference: Any) -> tuple[n
     population used (`deep` or `all`) and what it is, in words.
 
     `deep`: the posts the bundle's cascade would send to the deep model (`serving.cascade.route`
-    on the gate's score of each post's text, read from `drift.reference_texts`): the posts
-    whose decisions the model's feature importance is about. Gate-decided posts are confident
-    clean texts the deep model never scores; their importance only dilutes a change in the
-    posts it does score and, kept for a small share of traffic (`gate_feature_fraction`),
-    adds most of the sampling noise. Without the texts, all reference posts count (said in the
-    log and in the result)."""
+    on the gate's score of each post's text, read from `drift.reference_texts`), the posts
+    whose decisions the deep model makes. Gate-decided posts are confident clean texts the
+    deep model never scores; kept for a small share of traffic (`gate_feature_fraction`) and
+    weighted up, they add most of the sampling noise, but they also carry part of the signal
+    (the contrast with the ads), so `all` stays the default (see the module docstring).
+    Without the texts, all reference posts count (said in the log and in the result)."""
     n = reference.n
     if params.drift.population == "all":
         return np.ones(n, dtype=bool), "all", "all posts"
