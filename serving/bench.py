@@ -185,6 +185,17 @@ class ServerProcess:
 # --------------------------------------------------------------------------- the client
 
 
+async def _moderate_once(client: Any, body: dict[str, Any]) -> tuple[int, str]:
+    """(HTTP status, answering stage) of one POST /v1/moderate; 599 when the request failed."""
+    import httpx
+
+    try:
+        r = await client.post("/v1/moderate", json=body)
+    except httpx.HTTPError:
+        return 599, ""
+    return r.status_code, (r.json().get("stage", "") if r.status_code == 200 else "")
+
+
 async def _drive(url: str, bodies: Sequence[dict[str, Any]], concurrency: int,
                  max_seconds: float) -> dict[str, Any]:
     import httpx
@@ -207,12 +218,7 @@ async def _drive(url: str, bodies: Sequence[dict[str, Any]], concurrency: int,
                 except asyncio.QueueEmpty:
                     return
                 t0 = time.perf_counter()
-                try:
-                    r = await client.post("/v1/moderate", json=body)
-                    status = r.status_code
-                    stage = r.json().get("stage", "") if status == 200 else ""
-                except httpx.HTTPError:
-                    status, stage = 599, ""
+                status, stage = await _moderate_once(client, body)
                 latencies.append(time.perf_counter() - t0)
                 statuses.append(status)
                 stages.append(stage)
@@ -270,12 +276,7 @@ async def _drive_open(url: str, bodies: Sequence[dict[str, Any]], rate: float, s
             delay = start + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            try:
-                r = await client.post("/v1/moderate", json=body)
-                status = r.status_code
-                stage = r.json().get("stage", "") if status == 200 else ""
-            except httpx.HTTPError:
-                status, stage = 599, ""
+            status, stage = await _moderate_once(client, body)
             results.append((time.perf_counter() - (start + at), status, stage))
 
         await asyncio.gather(*(one(b, float(t)) for b, t in zip(bodies, times, strict=False)))

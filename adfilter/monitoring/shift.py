@@ -104,6 +104,21 @@ class ShiftEstimate:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
+def _estimate(shift: float, boot: np.ndarray, null: np.ndarray, n_w: int, n_r: int) -> ShiftEstimate:
+    """The estimate from the measured shift and its bootstrap and null resamples."""
+    return ShiftEstimate(
+        shift=shift,
+        noise=float(boot.std(ddof=1)) if len(boot) > 1 else 0.0,
+        low=float(np.percentile(boot, 5)),
+        high=float(np.percentile(boot, 95)),
+        null_mean=float(null.mean()),
+        null_p95=float(np.percentile(null, 95)),
+        resamples=len(boot),
+        window_posts=n_w,
+        reference_posts=n_r,
+    )
+
+
 def bootstrap_shift(
     window: np.ndarray,
     reference: np.ndarray,
@@ -143,17 +158,7 @@ def bootstrap_shift(
         boot[b] = total_variation(pw, qr)
         # What a window of the same effective size drawn from the reference itself gives.
         null[b] = total_variation(importance_distribution(reference[rng.integers(0, n_r, n_eff)]), q)
-    return ShiftEstimate(
-        shift=shift,
-        noise=float(boot.std(ddof=1)) if resamples > 1 else 0.0,
-        low=float(np.percentile(boot, 5)),
-        high=float(np.percentile(boot, 95)),
-        null_mean=float(null.mean()),
-        null_p95=float(np.percentile(null, 95)),
-        resamples=resamples,
-        window_posts=n_w,
-        reference_posts=n_r,
-    )
+    return _estimate(shift, boot, null, n_w, n_r)
 
 
 def stratified_sample(
@@ -308,15 +313,4 @@ def bootstrap_shift_by_kind(
         null[b] = sum(shares[k] * total_variation(
             importance_distribution(reference[r[rng.integers(0, len(r), eff[k])]]), q[k])
             for k, r in ref_rows.items())
-    estimate = ShiftEstimate(
-        shift=shift,
-        noise=float(boot.std(ddof=1)) if resamples > 1 else 0.0,
-        low=float(np.percentile(boot, 5)),
-        high=float(np.percentile(boot, 95)),
-        null_mean=float(null.mean()),
-        null_p95=float(np.percentile(null, 95)),
-        resamples=resamples,
-        window_posts=int(keep.sum()),
-        reference_posts=n_r,
-    )
-    return estimate, detail
+    return _estimate(shift, boot, null, int(keep.sum()), n_r), detail
