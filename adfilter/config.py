@@ -379,7 +379,7 @@ class TrainParams:
     oversample: bool                # WeightedRandomSampler towards positive_share
     positive_share: float
     early_stopping: EarlyStoppingParams
-    precision: Literal["32", "bf16-mixed", "16-mixed"]
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed"]  # auto: mixed where native
     accelerator: str                # auto | cpu | gpu | ...
     devices: int | str              # a count, or "auto"
     strategy: str                   # auto | ddp | ...

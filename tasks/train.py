@@ -162,6 +162,36 @@ def configure_threads(params: Params) -> int:
     return threads
 
 
+def _uses_cuda(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+
+
+def _cpu_has_native_bf16() -> bool:
+    """oneDNN runs bf16 matmuls natively here (AVX512-BF16 or AMX), not emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(requested: str, accelerator: str) -> str:
+    """`train.precision` as Lightning takes it; `auto` picks mixed precision where it pays.
+
+    On a GPU: bf16-mixed where the card supports it, else 16-mixed. On a CPU: bf16-mixed
+    when the CPU runs bf16 natively (a 2-core AVX512-BF16 machine trains the default net
+    about 1.5x faster per step), else 32, because emulated bf16 is slower than fp32.
+    Weights, calibration, export and serving stay fp32 either way.
+    """
+    if requested != "auto":
+        if requested == "bf16-mixed" and not _uses_cuda(accelerator) and not _cpu_has_native_bf16():
+            log.warning("train.precision bf16-mixed on a CPU without native bf16: emulated, "
+                        "likely slower than 32")
+        return requested
+    if _uses_cuda(accelerator):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if _cpu_has_native_bf16() else "32"
+
+
 # --------------------------------------------------------------------------- callbacks
 
 
@@ -253,8 +283,11 @@ def fit_model(
     params = apply_overrides(params, overrides)
     train = params.train
     configure_threads(params)
-    if train.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+    if _uses_cuda(train.accelerator):
         torch.set_float32_matmul_precision("high")
+    precision = resolve_precision(train.precision, train.accelerator)
+    if precision != train.precision:
+        log.info("train.precision auto -> %s", precision)
 
     sizes = datamodule.input_sizes()
     spec = net_spec(params.model, sizes["feature_dims"], sizes["image_size"],
@@ -292,7 +325,7 @@ def fit_model(
         devices=train.devices,
         strategy=train.strategy,
         num_nodes=train.num_nodes,
-        precision=train.precision,
+        precision=precision,
         callbacks=all_callbacks,
         logger=logger,
         gradient_clip_val=train.gradient_clip_val or None,
@@ -517,7 +550,8 @@ def train(
         "train_posts": len(datamodule.datasets["train"]),
         "val_posts": len(datamodule.datasets["val"]),
         "world_size": trainer.world_size,
-        "precision": params.train.precision,
+        "precision": str(trainer.precision),
+        "precision_requested": params.train.precision,
         "torch_threads": torch.get_num_threads(),
         "overrides": overrides,
         "mlflow_run_id": logger.run_id,

@@ -23,6 +23,7 @@ from tasks.train import (
     datamodule_from_params,
     fit_model,
     read_best_params,
+    resolve_precision,
 )
 from tests.model_fixtures import write_features
 
@@ -140,6 +141,36 @@ def test_batch_size_auto_runs_the_finder(
     assert dm.batch_size == 8
     assert not list(tmp_path.glob(".scale_batch_size*"))
     assert trainer.current_epoch == 1
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_runs_it_natively(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tasks.train as train_module
+
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert resolve_precision("auto", "cpu") == ("bf16-mixed" if native else "32")
+    assert resolve_precision("32", "cpu") == "32"
+
+    monkeypatch.setattr(train_module, "_cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "32"
+    with caplog.at_level("WARNING", logger="tasks.train"):
+        assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    assert "emulated" in caplog.text
+
+    monkeypatch.setattr(train_module, "_cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16-mixed"
+
+
+def test_a_bf16_fit_keeps_fp32_weights_and_reports_what_ran(
+    ci_params: Params, features: Path, tmp_path: Path
+) -> None:
+    params = _with_train(ci_params, precision="bf16-mixed", max_epochs=1)
+    dm = datamodule_from_params(params, features)
+    module, trainer = fit_model(params, dm, enable_progress_bar=False, default_root_dir=tmp_path)
+    assert str(trainer.precision) == "bf16-mixed"
+    assert {p.dtype for p in module.net.parameters()} == {torch.float32}
+    assert np.isfinite(float(trainer.callback_metrics["val_loss"]))
 
 
 def test_drop_modality_is_the_same_as_an_absent_modality(ci_params: Params, features: Path) -> None:
