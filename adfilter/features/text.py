@@ -246,7 +246,12 @@ class TextFeaturizer:
         return out
 
     def state(self) -> dict[str, Any]:
-        """The fitted parts, for joblib."""
+        """The fitted parts, for joblib: the same fit gives the same bytes."""
+        for vectorizer in (self.word, self.char):
+            # scikit-learn caches id(stop_words) on the vectorizer, a memory address that
+            # differs in every process; without it the check simply runs again.
+            if vectorizer is not None:
+                vectorizer.__dict__.pop("_stop_words_id", None)
         return {"word": self.word, "char": self.char, "svd": self.svd,
                 "margin_models": self.margin_models}
 

@@ -243,6 +243,30 @@ def test_save_and_load_give_identical_features(
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
 
 
+def test_a_fit_in_another_process_saves_the_same_text_bytes(
+    pipeline: FeaturePipeline, tmp_path: Path
+) -> None:
+    # A rerun of featurize on the same data must not make a new artifact version: scikit-learn
+    # caches a memory address on the vectorizers, which is left out of the saved state.
+    import subprocess
+    import sys
+
+    pipeline.save(tmp_path / "here")
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from adfilter.features import FeaturePipeline\n"
+        "from tests.unit.test_features_pipeline import PARAMS, write_posts\n"
+        "root = Path(sys.argv[1])\n"
+        "frames = write_posts(root)\n"
+        "FeaturePipeline.fit(frames['train'], PARAMS, seed=0, image_root=root).save(sys.argv[2])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "posts"), str(tmp_path / "there")],
+                   check=True, cwd=Path(__file__).resolve().parents[2])
+    assert (tmp_path / "there" / "text.joblib").read_bytes() == \
+        (tmp_path / "here" / "text.joblib").read_bytes()
+
+
 def test_load_of_an_empty_folder_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="dvc repro featurize"):
         FeaturePipeline.load(tmp_path)

@@ -71,15 +71,13 @@ def test_sample_snapshot_is_reproducible_and_versioned(
         in_slice = table[table["slice"] == name]
         assert manifest["counts"]["by_slice"][name]["total"] == len(in_slice)
         assert manifest["counts"]["by_slice"][name].get("1", 0) == int(in_slice["label"].sum())
-    assert manifest["build_seconds"] >= 0
 
     (out / "images" / "stale.png").write_bytes(b"left over from an older run")
     ingest(ci_params, out)
     assert not (out / "images" / "stale.png").exists()
     assert (out / "posts.parquet").read_bytes() == first_bytes
-    assert (
-        json.loads((out / "manifest.json").read_text())["data_version"] == manifest["data_version"]
-    )
+    # The whole manifest too (no timings in it), so a rebuild keeps the snapshot's DVC hash.
+    assert json.loads((out / "manifest.json").read_text()) == manifest
 
 
 def test_refuses_to_clear_the_project(
