@@ -54,7 +54,7 @@ def test_train_writes_model_config_report_and_mlflow_run(
 
     from adfilter.config import load_params
     from models.predict import load_net, predict_split
-    from tasks.train import RUN_ID_ENV, train
+    from tasks.train import RUN_ID_ENV, resolve_precision, train
 
     ws = _workspace(tmp_path, repo_root, sizes={"train": 64, "val": 32, "test": 24})
     monkeypatch.chdir(ws)
@@ -76,6 +76,8 @@ def test_train_writes_model_config_report_and_mlflow_run(
     assert report["best"]["epoch"] in range(report["epochs"])
     assert 0.0 <= report["best"]["val_auprc"] <= 1.0
     assert report["overrides"] == {"lr": 2e-3, "dropout": 0.2, "feature_dim": 48}
+    assert report["precision_requested"] == params.train.precision
+    assert report["precision"] == resolve_precision(params.train.precision, params.train.accelerator)
     assert json.loads((ws / "reports" / "train.json").read_text()) == report
 
     config = json.loads((ws / "artifacts" / "model" / "config.json").read_text())

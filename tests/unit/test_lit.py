@@ -162,7 +162,7 @@ def test_precision_auto_is_bf16_only_where_the_cpu_runs_it_natively(
     assert resolve_precision("auto", "cpu") == "bf16-mixed"
 
 
-def test_a_bf16_fit_keeps_fp32_weights_and_reports_what_ran(
+def test_a_bf16_fit_keeps_fp32_weights(
     ci_params: Params, features: Path, tmp_path: Path
 ) -> None:
     params = _with_train(ci_params, precision="bf16-mixed", max_epochs=1)
