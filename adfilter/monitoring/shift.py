@@ -131,34 +131,14 @@ def bootstrap_shift(
     bootstrap noise and the sampling-only null level (see the module docstring).
 
     `window_weights` / `window_strata` come from `stratified_sample`: the window's posts are
-    resampled within their stratum and keep their weights, the reference's are equally weighted."""
-    window = np.abs(np.asarray(window, dtype=np.float64))
-    reference = np.abs(np.asarray(reference, dtype=np.float64))
-    if window.shape[1:] != reference.shape[1:]:
-        raise ValueError(f"window {window.shape} and reference {reference.shape} differ in groups")
-    if not len(window) or not len(reference):
-        raise ValueError("bootstrap_shift needs at least one explained post on each side")
-    n_w, n_r = len(window), len(reference)
-    weights = np.ones(n_w) if window_weights is None else np.asarray(window_weights, dtype=np.float64)
-    strata = np.zeros(n_w, dtype=np.int64) if window_strata is None else np.asarray(window_strata)
-    members = [np.flatnonzero(strata == s) for s in np.unique(strata)]
-    p = importance_distribution(window, weights)
-    q = importance_distribution(reference)
-    shift = total_variation(p, q)
-    if resamples <= 0:
-        return ShiftEstimate(shift, 0.0, shift, shift, 0.0, 0.0, 0, n_w, n_r)
-    rng = np.random.default_rng(seed)
-    boot = np.empty(resamples)
-    null = np.empty(resamples)
-    n_eff = int(round(weights.sum() ** 2 / max((weights**2).sum(), 1e-300)))
-    for b in range(resamples):
-        rows = np.concatenate([m[rng.integers(0, len(m), len(m))] for m in members])
-        pw = importance_distribution(window[rows], weights[rows])
-        qr = importance_distribution(reference[rng.integers(0, n_r, n_r)])
-        boot[b] = total_variation(pw, qr)
-        # What a window of the same effective size drawn from the reference itself gives.
-        null[b] = total_variation(importance_distribution(reference[rng.integers(0, n_r, n_eff)]), q)
-    return _estimate(shift, boot, null, n_w, n_r)
+    resampled within their stratum and keep their weights, the reference's are equally weighted.
+    It is `bootstrap_shift_by_kind` with every post of one kind (the same draws, the same
+    figures)."""
+    one_kind_w = np.zeros(len(window), dtype=np.int64)
+    one_kind_r = np.zeros(len(reference), dtype=np.int64)
+    estimate, _ = bootstrap_shift_by_kind(window, reference, one_kind_w, one_kind_r, resamples,
+                                          seed, window_weights, window_strata)
+    return estimate
 
 
 def stratified_sample(
@@ -273,10 +253,12 @@ def bootstrap_shift_by_kind(
     from the reference's posts of that kind."""
     window = np.abs(np.asarray(window, dtype=np.float64))
     reference = np.abs(np.asarray(reference, dtype=np.float64))
+    if window.shape[1:] != reference.shape[1:]:
+        raise ValueError(f"window {window.shape} and reference {reference.shape} differ in groups")
     wk, rk = np.asarray(window_kinds), np.asarray(reference_kinds)
     n_w, n_r = len(window), len(reference)
     if not n_w or not n_r:
-        raise ValueError("bootstrap_shift_by_kind needs at least one explained post on each side")
+        raise ValueError("the shift bootstrap needs at least one explained post on each side")
     weights = np.ones(n_w) if window_weights is None else np.asarray(window_weights, dtype=np.float64)
     strata = np.zeros(n_w, dtype=np.int64) if window_strata is None else np.asarray(window_strata)
     shared = [k for k in np.unique(wk) if (rk == k).any()]
